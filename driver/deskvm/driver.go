@@ -1,0 +1,300 @@
+// Package deskvm is the Nomad task driver that runs each task in a QEMU VM. It speaks to VMs
+// only through the Hypervisor interface; package vm and package guestctl do the VM work.
+package deskvm
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/client/lib/cpustats"
+	"github.com/hashicorp/nomad/drivers/shared/eventer"
+	"github.com/hashicorp/nomad/plugins/base"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/hashicorp/nomad/plugins/drivers/fsisolation"
+	"github.com/hashicorp/nomad/plugins/shared/hclspec"
+)
+
+const (
+	// PluginName is the driver name jobs use: driver = "deskvm".
+	PluginName = "deskvm"
+	// PluginVersion is this driver's version, reported as driver.deskvm.version.
+	PluginVersion = "0.1.0"
+
+	// fingerprintPeriod is how often the driver re-fingerprints.
+	fingerprintPeriod = 30 * time.Second
+	// taskHandleVersion is the version of taskState this driver writes and reads.
+	taskHandleVersion = 1
+)
+
+var (
+	pluginInfo = &base.PluginInfoResponse{
+		Type:              base.PluginTypeDriver,
+		PluginApiVersions: []string{drivers.ApiVersion010},
+		PluginVersion:     PluginVersion,
+		Name:              PluginName,
+	}
+
+	capabilities = &drivers.Capabilities{
+		SendSignals: true,
+		Exec:        true,
+		// The guest sees the task dir at /local, /secrets and /alloc, like an image-based
+		// driver, so Nomad sets NOMAD_TASK_DIR and friends to those paths.
+		FSIsolation:       fsisolation.Image,
+		NetIsolationModes: []drivers.NetIsolationMode{drivers.NetIsolationModeHost},
+		MountConfigs:      drivers.MountConfigSupportNone,
+	}
+)
+
+var _ drivers.DriverPlugin = (*Driver)(nil)
+
+// Driver is the deskvm task driver.
+type Driver struct {
+	eventer *eventer.Eventer
+	hv      Hypervisor
+	probe   func(context.Context, *Config) hostInfo // finds QEMU, the guest kit and an accelerator
+	tasks   *taskStore
+	ctx     context.Context // ends when the plugin shuts down
+	cancel  context.CancelFunc
+	logger  hclog.Logger
+
+	mu      sync.RWMutex // guards what SetConfig and the accelerator probe set
+	config  *Config
+	compute cpustats.Compute
+	host    hostInfo
+}
+
+// NewDriver returns a deskvm driver that runs real QEMU VMs.
+func NewDriver(logger hclog.Logger) *Driver {
+	return newDriver(logger, qemuHypervisor{})
+}
+
+func newDriver(logger hclog.Logger, hv Hypervisor) *Driver {
+	ctx, cancel := context.WithCancel(context.Background())
+	logger = logger.Named(PluginName)
+	d := &Driver{
+		eventer: eventer.NewEventer(ctx, logger),
+		hv:      hv,
+		tasks:   newTaskStore(),
+		ctx:     ctx,
+		cancel:  cancel,
+		logger:  logger,
+		host:    hostInfo{probe: probePending},
+	}
+	d.probe = d.probeHost
+	return d
+}
+
+// PluginInfo describes the plugin to Nomad.
+func (d *Driver) PluginInfo() (*base.PluginInfoResponse, error) { return pluginInfo, nil }
+
+// ConfigSchema returns the plugin config's schema.
+func (d *Driver) ConfigSchema() (*hclspec.Spec, error) { return configSpec, nil }
+
+// SetConfig takes the plugin config, validates it, and starts probing the host.
+func (d *Driver) SetConfig(cfg *base.Config) error {
+	var c Config
+	if len(cfg.PluginConfig) != 0 {
+		if err := base.MsgPackDecode(cfg.PluginConfig, &c); err != nil {
+			return fmt.Errorf("decode deskvm plugin config: %w", err)
+		}
+	}
+	if err := c.validate(); err != nil {
+		return fmt.Errorf("invalid deskvm plugin config: %w", err)
+	}
+	var compute cpustats.Compute
+	if cfg.AgentConfig != nil {
+		compute = cfg.AgentConfig.Compute()
+	}
+	d.mu.Lock()
+	d.config = &c
+	d.compute = compute
+	d.mu.Unlock()
+	go func() {
+		info := d.probe(d.ctx, &c)
+		d.mu.Lock()
+		d.host = info
+		d.mu.Unlock()
+	}()
+	return nil
+}
+
+func (d *Driver) pluginConfig() *Config {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.config
+}
+
+// TaskConfigSchema returns the task config's schema.
+func (d *Driver) TaskConfigSchema() (*hclspec.Spec, error) { return taskConfigSpec, nil }
+
+// Capabilities tells Nomad what the driver supports.
+func (d *Driver) Capabilities() (*drivers.Capabilities, error) { return capabilities, nil }
+
+// RecoverTask finds a task's VM again after a restart of the plugin or the Nomad agent. It
+// checks the real VM (pid and QMP) rather than assuming it runs.
+func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
+	if handle == nil {
+		return errors.New("recover task: handle is nil")
+	}
+	if _, ok := d.tasks.Get(handle.Config.ID); ok {
+		return nil
+	}
+	var st taskState
+	if err := handle.GetDriverState(&st); err != nil {
+		return fmt.Errorf("recover task %s: decode driver state: %w", handle.Config.ID, err)
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
+	defer cancel()
+	m, err := d.hv.Attach(ctx, st.Spec, st.PID)
+	if err != nil {
+		return fmt.Errorf("recover task %s: %w", handle.Config.ID, err)
+	}
+	h := d.newHandle(st.TaskConfig, st.Mode, st.Spec, m, time.Unix(0, st.StartedAt))
+	d.tasks.Set(handle.Config.ID, h)
+	go h.run(d.ctx)
+	d.logger.Info("recovered task", "task_id", handle.Config.ID, "vm", st.Spec.Name, "pid", st.PID)
+	return nil
+}
+
+func (d *Driver) newHandle(cfg *drivers.TaskConfig, mode string, spec vm.Spec, m Machine, started time.Time) *taskHandle {
+	d.mu.RLock()
+	compute := d.compute
+	d.mu.RUnlock()
+	return &taskHandle{
+		taskConfig: cfg,
+		mode:       mode,
+		spec:       spec,
+		machine:    m,
+		startedAt:  started,
+		logger:     d.logger.With("task_id", cfg.ID, "vm", spec.Name),
+		events:     func(msg string, ann map[string]string) { d.emit(cfg, msg, ann) },
+		doneCh:     make(chan struct{}),
+		state:      drivers.TaskStateRunning,
+		stats:      newStatsTracker(compute),
+	}
+}
+
+func (d *Driver) emit(cfg *drivers.TaskConfig, msg string, ann map[string]string) {
+	err := d.eventer.EmitEvent(&drivers.TaskEvent{
+		TaskID:      cfg.ID,
+		TaskName:    cfg.Name,
+		AllocID:     cfg.AllocID,
+		Timestamp:   time.Now(),
+		Message:     msg,
+		Annotations: ann,
+	})
+	if err != nil {
+		d.logger.Warn("emit task event", "task_id", cfg.ID, "error", err)
+	}
+}
+
+// WaitTask returns a channel that yields the task's exit result once it ends.
+func (d *Driver) WaitTask(ctx context.Context, taskID string) (<-chan *drivers.ExitResult, error) {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	ch := make(chan *drivers.ExitResult, 1)
+	go func() {
+		defer close(ch)
+		select {
+		case <-h.doneCh:
+			ch <- h.status().ExitResult
+		case <-ctx.Done():
+		case <-d.ctx.Done():
+		}
+	}()
+	return ch, nil
+}
+
+// StopTask stops the task: signal (or SIGTERM), then SIGKILL after timeout; an image-mode
+// VM gets an ACPI power-down instead of the signal.
+func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) error {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return drivers.ErrTaskNotFound
+	}
+	return h.stop(timeout, signal)
+}
+
+// DestroyTask forgets the task; with force, a running VM is killed first.
+func (d *Driver) DestroyTask(taskID string, force bool) error {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return drivers.ErrTaskNotFound
+	}
+	if h.isRunning() {
+		if !force {
+			return fmt.Errorf("cannot destroy running task %s", taskID)
+		}
+		if err := h.machine.Kill(); err != nil {
+			return err
+		}
+		if !h.waitDone(10 * time.Second) {
+			return fmt.Errorf("vm %s did not exit after kill", h.spec.Name)
+		}
+	}
+	_ = os.RemoveAll(h.spec.SocketDir)
+	d.tasks.Delete(taskID)
+	return nil
+}
+
+// InspectTask returns the task's status.
+func (d *Driver) InspectTask(taskID string) (*drivers.TaskStatus, error) {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	return h.status(), nil
+}
+
+// TaskEvents streams the driver's task events.
+func (d *Driver) TaskEvents(ctx context.Context) (<-chan *drivers.TaskEvent, error) {
+	return d.eventer.TaskEvents(ctx)
+}
+
+// SignalTask sends a signal to the guest command.
+func (d *Driver) SignalTask(taskID string, signal string) error {
+	h, ok := d.tasks.Get(taskID)
+	if !ok {
+		return drivers.ErrTaskNotFound
+	}
+	sig, err := parseSignal(signal)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
+	defer cancel()
+	return h.signal(ctx, sig)
+}
+
+// Shutdown stops following tasks; their VMs keep running for the next driver to recover.
+func (d *Driver) Shutdown() {
+	d.cancel()
+	for _, h := range d.tasks.All() {
+		if g := h.currentGuest(); g != nil {
+			_ = g.Close()
+		}
+		_ = h.machine.Close()
+	}
+}
+
+// vmName names a task's VM after its task id, which is unique per task run on a node.
+func vmName(taskID string) string {
+	sum := sha256.Sum256([]byte(taskID))
+	return "deskvm-" + hex.EncodeToString(sum[:])[:16]
+}
+
+// socketDir is the VM's short socket dir under the plugin's state_dir.
+func socketDir(stateDir, name string) string {
+	return filepath.Join(stateDir, name)
+}

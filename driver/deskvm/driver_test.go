@@ -1,0 +1,358 @@
+package deskvm
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/deskcloud/deskcloud/driver/guestkit"
+	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/hashicorp/nomad/helper/testlog"
+	"github.com/hashicorp/nomad/helper/uuid"
+	"github.com/hashicorp/nomad/nomad/structs"
+	"github.com/hashicorp/nomad/plugins/base"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	dtestutil "github.com/hashicorp/nomad/plugins/drivers/testutils"
+	"github.com/shoenig/test/must"
+)
+
+// backend is one way to run the driver's VMs in tests: the fake, or real QEMU.
+type backend struct {
+	name string
+	// hv is shared by every driver instance of a test, as VMs outlive drivers.
+	newHV func() Hypervisor
+	probe func(context.Context, *Config) hostInfo
+	// timeout bounds one scenario's waits: real VMs boot in seconds under TCG.
+	timeout time.Duration
+}
+
+func fakeBackend() backend {
+	return backend{
+		name:  "fake",
+		newHV: func() Hypervisor { return newFakeHypervisor() },
+		probe: func(context.Context, *Config) hostInfo {
+			return hostInfo{probe: probeDone, accel: vm.AccelTCG, qemuVersion: "fake", kernel: "/fake/vmlinuz", initrd: "/fake/initrd"}
+		},
+		timeout: 20 * time.Second,
+	}
+}
+
+// qemuBackend returns the real-QEMU backend, or skips the test with the reason the machine
+// cannot run it.
+func qemuBackend(t *testing.T) backend {
+	t.Helper()
+	if _, err := exec.LookPath(defaultQEMUBinary); err != nil {
+		t.Skipf("real QEMU scenarios need %s on PATH (make deps installs it): %v", defaultQEMUBinary, err)
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("real QEMU scenarios write cgroups and /run/deskvm: they need root")
+	}
+	kernel, initrd := guestkit.Kernel(), guestkit.Initrd()
+	if !fileExists(kernel) || !fileExists(initrd) {
+		t.Skipf("real QEMU scenarios need the guest kit at %s (make deps builds it)", filepath.Dir(kernel))
+	}
+	return backend{
+		name:  "qemu",
+		newHV: func() Hypervisor { return qemuHypervisor{} },
+		probe: func(ctx context.Context, c *Config) hostInfo {
+			// The accelerator probe has its own test; here TCG runs everywhere.
+			v, _ := vm.QEMUVersion(ctx, c.QEMUBinary)
+			return hostInfo{probe: probeDone, accel: vm.AccelTCG, qemuVersion: v, kernel: kernel, initrd: initrd}
+		},
+		timeout: 90 * time.Second,
+	}
+}
+
+// backends returns the fake and, where the machine has QEMU and the guest kit, real QEMU.
+func forEachBackend(t *testing.T, fn func(t *testing.T, b backend)) {
+	t.Run("fake", func(t *testing.T) { fn(t, fakeBackend()) })
+	t.Run("qemu", func(t *testing.T) { fn(t, qemuBackend(t)) })
+}
+
+// newHarness starts a driver on hv through Nomad's driver harness (a real gRPC round trip)
+// and configures it.
+func newHarness(t *testing.T, b backend, hv Hypervisor, cfg *Config) (*dtestutil.DriverHarness, *Driver) {
+	t.Helper()
+	d := newDriver(testlog.HCLogger(t), hv)
+	d.probe = b.probe
+	h := dtestutil.NewDriverHarness(t, d)
+	if cfg == nil {
+		cfg = testPluginConfig(t)
+	}
+	var data []byte
+	must.NoError(t, base.MsgPackEncode(&data, cfg))
+	must.NoError(t, h.SetConfig(&base.Config{PluginConfig: data}))
+	waitFor(t, 30*time.Second, "the host probe", func() bool { return d.hostInfo().probe == probeDone })
+	t.Cleanup(d.Shutdown)
+	return h, d
+}
+
+func testPluginConfig(t *testing.T) *Config {
+	return &Config{
+		Accelerator:    accelAuto,
+		QEMUBinary:     defaultQEMUBinary,
+		QEMUImgBinary:  defaultQEMUImgBinary,
+		StateDir:       shortTempDir(t),
+		BootTimeout:    "90s",
+		MemoryOverhead: defaultMemoryOverhead,
+		ImagePaths:     []string{filepath.Dir(guestkit.TestImage())},
+	}
+}
+
+// shortTempDir is a temp dir with a short path, for unix sockets.
+func shortTempDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("/tmp", "dvm")
+	must.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func newTask(t *testing.T, tc TaskConfig) *drivers.TaskConfig {
+	t.Helper()
+	allocID := uuid.Generate()
+	task := &drivers.TaskConfig{
+		AllocID: allocID,
+		ID:      allocID + "/test/" + uuid.Short(),
+		Name:    "test",
+		Env:     map[string]string{"DESKVM_TEST": "hello-env"},
+		Resources: &drivers.Resources{
+			NomadResources: &structs.AllocatedTaskResources{
+				Cpu:    structs.AllocatedCpuResources{CpuShares: 500},
+				Memory: structs.AllocatedMemoryResources{MemoryMB: 256},
+			},
+		},
+	}
+	must.NoError(t, task.EncodeConcreteDriverConfig(&tc))
+	return task
+}
+
+// start starts task on h with logs collected, and returns a function reading the task's
+// stdout and stderr log files.
+func start(t *testing.T, h *dtestutil.DriverHarness, task *drivers.TaskConfig) (*drivers.TaskHandle, func() (string, string)) {
+	t.Helper()
+	cleanup := h.MkAllocDir(task, true)
+	t.Cleanup(cleanup)
+	handle, _, err := h.StartTask(task)
+	must.NoError(t, err)
+	logs := func() (string, string) {
+		dir := task.TaskDir().LogDir
+		out, _ := os.ReadFile(filepath.Join(dir, task.Name+".stdout.0"))
+		errb, _ := os.ReadFile(filepath.Join(dir, task.Name+".stderr.0"))
+		return string(out), string(errb)
+	}
+	return handle, logs
+}
+
+func waitExit(t *testing.T, h *dtestutil.DriverHarness, taskID string, timeout time.Duration) *drivers.ExitResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), timeout)
+	defer cancel()
+	ch, err := h.WaitTask(ctx, taskID)
+	must.NoError(t, err)
+	select {
+	case res := <-ch:
+		must.NotNil(t, res, must.Sprint("wait channel closed without a result"))
+		return res
+	case <-ctx.Done():
+		t.Fatalf("task %s did not exit within %s", taskID, timeout)
+		return nil
+	}
+}
+
+// waitFor polls cond until it holds or timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestDriver_CommandLifecycle(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backend) {
+		t.Run("exit code and logs", func(t *testing.T) {
+			h, _ := newHarness(t, b, b.newHV(), nil)
+			task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `echo out-$DESKVM_TEST; echo err-line >&2; exit 3`}})
+			handle, logs := start(t, h, task)
+			res := waitExit(t, h, handle.Config.ID, b.timeout)
+			must.Eq(t, 3, res.ExitCode, must.Sprintf("want the guest command's exit code 3, got %+v", res))
+			waitFor(t, 5*time.Second, "stdout in the task log", func() bool { o, _ := logs(); return strings.Contains(o, "out-hello-env") })
+			_, e := logs()
+			must.StrContains(t, e, "err-line")
+			st, err := h.InspectTask(handle.Config.ID)
+			must.NoError(t, err)
+			must.Eq(t, drivers.TaskStateExited, st.State)
+			must.NoError(t, h.DestroyTask(handle.Config.ID, false))
+		})
+
+		t.Run("script from the task dir", func(t *testing.T) {
+			h, _ := newHarness(t, b, b.newHV(), nil)
+			task := newTask(t, TaskConfig{Command: "/local/run.sh", Args: []string{"7"}})
+			cleanup := h.MkAllocDir(task, true)
+			t.Cleanup(cleanup)
+			script := "#!/bin/sh\necho \"args=$1\"\necho data > \"$NOMAD_ALLOC_DIR/data/out.txt\" 2>/dev/null || echo data > \"$(dirname \"$0\")/../alloc/data/out.txt\"\nexit 0\n"
+			must.NoError(t, os.WriteFile(filepath.Join(task.TaskDir().LocalDir, "run.sh"), []byte(script), 0o755))
+			handle, _, err := h.StartTask(task)
+			must.NoError(t, err)
+			res := waitExit(t, h, handle.Config.ID, b.timeout)
+			must.Eq(t, 0, res.ExitCode, must.Sprintf("script failed: %+v", res))
+			waitFor(t, 5*time.Second, "the script's output", func() bool {
+				out, _ := os.ReadFile(filepath.Join(task.TaskDir().LogDir, "test.stdout.0"))
+				return strings.Contains(string(out), "args=7")
+			})
+		})
+
+		t.Run("command not found", func(t *testing.T) {
+			h, _ := newHarness(t, b, b.newHV(), nil)
+			task := newTask(t, TaskConfig{Command: "/no/such/command"})
+			handle, _ := start(t, h, task)
+			res := waitExit(t, h, handle.Config.ID, b.timeout)
+			must.Eq(t, 127, res.ExitCode, must.Sprintf("want 127 for a missing command, got %+v", res))
+		})
+
+		t.Run("stop sends SIGTERM to the guest command", func(t *testing.T) {
+			h, _ := newHarness(t, b, b.newHV(), nil)
+			task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done`}})
+			handle, logs := start(t, h, task)
+			waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
+			must.NoError(t, h.StopTask(handle.Config.ID, 10*time.Second, "SIGTERM"))
+			res := waitExit(t, h, handle.Config.ID, b.timeout)
+			must.Eq(t, 7, res.ExitCode, must.Sprintf("want the trap's exit code 7, got %+v", res))
+			waitFor(t, 5*time.Second, "the trap's output", func() bool { o, _ := logs(); return strings.Contains(o, "got-term") })
+		})
+
+		t.Run("stop kills after the timeout", func(t *testing.T) {
+			h, _ := newHarness(t, b, b.newHV(), nil)
+			task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `trap '' TERM; echo ready; while :; do sleep 0.1; done`}})
+			handle, logs := start(t, h, task)
+			waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
+			must.NoError(t, h.StopTask(handle.Config.ID, time.Second, "SIGTERM"))
+			res := waitExit(t, h, handle.Config.ID, b.timeout)
+			must.Eq(t, int(syscall.SIGKILL), res.Signal, must.Sprintf("want SIGKILL after kill_timeout, got %+v", res))
+		})
+
+		t.Run("signal and exec", func(t *testing.T) {
+			h, _ := newHarness(t, b, b.newHV(), nil)
+			task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `trap 'echo got-usr1' USR1; echo ready; while :; do sleep 0.1; done`}})
+			handle, logs := start(t, h, task)
+			waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
+			must.NoError(t, h.SignalTask(handle.Config.ID, "SIGUSR1"))
+			waitFor(t, 10*time.Second, "the USR1 trap", func() bool { o, _ := logs(); return strings.Contains(o, "got-usr1") })
+			res, err := h.ExecTask(handle.Config.ID, []string{"/bin/sh", "-c", "echo exec-$DESKVM_TEST; exit 2"}, 30*time.Second)
+			must.NoError(t, err)
+			must.Eq(t, 2, res.ExitResult.ExitCode)
+			must.StrContains(t, string(res.Stdout), "exec-hello-env")
+			must.NoError(t, h.StopTask(handle.Config.ID, time.Second, "SIGKILL"))
+		})
+	})
+}
+
+// TestDriver_Recover is Nomad's "loose task" test: a driver restart in the middle of a task,
+// and again after the command ended while no driver was there to see it.
+func TestDriver_Recover(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backend) {
+		hv := b.newHV()
+		cfg := testPluginConfig(t)
+		h1, d1 := newHarness(t, b, hv, cfg)
+		task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `echo before; while [ ! -e /local/go ] && [ ! -e "$GO_FILE" ]; do sleep 0.1; done; echo after; exit 4`}})
+		task.Env["GO_FILE"] = filepath.Join(shortTempDir(t), "go")
+		handle, logs := start(t, h1, task)
+		waitFor(t, b.timeout, "the command to start", func() bool { o, _ := logs(); return strings.Contains(o, "before") })
+		before, err := h1.InspectTask(handle.Config.ID)
+		must.NoError(t, err)
+
+		// The plugin goes away; the VM must not.
+		d1.Shutdown()
+		h1.Kill()
+
+		// The command ends while no driver watches.
+		must.NoError(t, os.WriteFile(filepath.Join(task.TaskDir().LocalDir, "go"), nil, 0o644))
+		must.NoError(t, os.WriteFile(task.Env["GO_FILE"], nil, 0o644))
+
+		h2, _ := newHarness(t, b, hv, cfg)
+		must.NoError(t, h2.RecoverTask(handle))
+		after, err := h2.InspectTask(handle.Config.ID)
+		must.NoError(t, err)
+		must.Eq(t, before.DriverAttributes, after.DriverAttributes, must.Sprint("recovered handle differs"))
+		must.Eq(t, before.StartedAt.UnixNano(), after.StartedAt.UnixNano())
+
+		res := waitExit(t, h2, handle.Config.ID, b.timeout)
+		must.Eq(t, 4, res.ExitCode, must.Sprintf("the exit code must survive the restart, got %+v", res))
+		waitFor(t, 5*time.Second, "output after the restart", func() bool { o, _ := logs(); return strings.Contains(o, "after") })
+	})
+}
+
+func TestDriver_RecoverGoneVM(t *testing.T) {
+	b := fakeBackend()
+	hv := newFakeHypervisor()
+	h, _ := newHarness(t, b, hv, nil)
+	task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", "sleep 30"}})
+	handle, _ := start(t, h, task)
+	for _, m := range hv.machines {
+		must.NoError(t, m.Kill())
+	}
+	h2, _ := newHarness(t, b, hv, nil)
+	err := h2.RecoverTask(handle)
+	must.ErrorContains(t, err, "is gone")
+}
+
+func TestDriver_BootFailureFailsStart(t *testing.T) {
+	t.Run("fake", func(t *testing.T) {
+		b := fakeBackend()
+		hv := newFakeHypervisor()
+		hv.bootFailure = "guest kernel panic: Kernel panic - not syncing: VFS: Unable to mount root fs"
+		h, _ := newHarness(t, b, hv, nil)
+		task := newTask(t, TaskConfig{Command: "/bin/true"})
+		t.Cleanup(h.MkAllocDir(task, false))
+		_, _, err := h.StartTask(task)
+		must.ErrorContains(t, err, "Kernel panic")
+	})
+	t.Run("qemu", func(t *testing.T) {
+		b := qemuBackend(t)
+		// An initrd that is not an archive: the kernel finds no init and panics.
+		bad := filepath.Join(t.TempDir(), "bad-initrd")
+		must.NoError(t, os.WriteFile(bad, []byte("not a cpio archive"), 0o644))
+		realProbe := b.probe
+		b.probe = func(ctx context.Context, c *Config) hostInfo {
+			info := realProbe(ctx, c)
+			info.initrd = bad
+			return info
+		}
+		h, _ := newHarness(t, b, b.newHV(), nil)
+		task := newTask(t, TaskConfig{Command: "/bin/true"})
+		t.Cleanup(h.MkAllocDir(task, false))
+		start := time.Now()
+		_, _, err := h.StartTask(task)
+		must.ErrorContains(t, err, "Kernel panic")
+		t.Logf("kernel panic reported after %s", time.Since(start).Round(time.Millisecond))
+	})
+}
+
+func TestDriver_Fingerprint(t *testing.T) {
+	b := fakeBackend()
+	h, _ := newHarness(t, b, b.newHV(), nil)
+	ch, err := h.Fingerprint(t.Context())
+	must.NoError(t, err)
+	var fp *drivers.Fingerprint
+	waitFor(t, 10*time.Second, "a healthy fingerprint", func() bool {
+		select {
+		case fp = <-ch:
+			return fp.Health == drivers.HealthStateHealthy
+		default:
+			return false
+		}
+	})
+	accel, _ := fp.Attributes["driver.deskvm.accelerator"].GetString()
+	must.Eq(t, "tcg", accel)
+	version, _ := fp.Attributes["driver.deskvm.version"].GetString()
+	must.Eq(t, PluginVersion, version)
+	must.NotNil(t, fp.Attributes["driver.deskvm.qemu_version"])
+}

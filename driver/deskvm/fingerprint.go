@@ -1,0 +1,216 @@
+package deskvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
+)
+
+// Guest kit file names, as scripts/guestkit.sh writes them.
+const (
+	kitKernel = "vmlinuz"
+	kitInitrd = "initramfs.cpio.gz"
+)
+
+const (
+	// kvmProbeTimeout bounds the KVM probe boot: a working KVM powers the probe guest off in
+	// well under a second; a broken one hangs.
+	kvmProbeTimeout = 20 * time.Second
+	// tcgProbeTimeout bounds the TCG probe boot, which takes a few seconds.
+	tcgProbeTimeout = 90 * time.Second
+)
+
+type probeState int
+
+const (
+	probePending probeState = iota
+	probeDone
+)
+
+// hostInfo is what the driver found out about its node by probing.
+type hostInfo struct {
+	probe       probeState
+	err         error // why this node cannot run VMs; nil when it can
+	accel       vm.Accelerator
+	qemuVersion string
+	kernel      string
+	initrd      string
+}
+
+func (d *Driver) hostInfo() hostInfo {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.host
+}
+
+// probeHost finds QEMU, the guest kit and a working accelerator. It boots real probe VMs, so
+// it runs in the background while the first fingerprints say it is under way.
+func (d *Driver) probeHost(ctx context.Context, c *Config) (info hostInfo) {
+	info.probe = probeDone
+	defer func() {
+		if info.err != nil {
+			d.logger.Error("deskvm cannot run vms on this node", "error", info.err)
+		} else {
+			d.logger.Info("host probed", "accelerator", string(info.accel), "qemu_version", info.qemuVersion)
+		}
+	}()
+	var err error
+	if info.qemuVersion, err = vm.QEMUVersion(ctx, c.QEMUBinary); err != nil {
+		info.err = fmt.Errorf("qemu_binary: %w", err)
+		return info
+	}
+	if info.kernel, info.initrd, err = guestKit(c); err != nil {
+		info.err = err
+		return info
+	}
+	probe := func(a vm.Accelerator, timeout time.Duration) error {
+		return vm.ProbeAccelerator(ctx, c.QEMUBinary, info.kernel, info.initrd, a, timeout)
+	}
+	switch c.Accelerator {
+	case accelKVM:
+		if err := probe(vm.AccelKVM, kvmProbeTimeout); err != nil {
+			info.err = fmt.Errorf("accelerator = %q but a KVM guest does not boot here: %w", accelKVM, err)
+			return info
+		}
+		info.accel = vm.AccelKVM
+	case accelTCG:
+		if err := probe(vm.AccelTCG, tcgProbeTimeout); err != nil {
+			info.err = fmt.Errorf("a TCG guest does not boot: %w", err)
+			return info
+		}
+		info.accel = vm.AccelTCG
+	default:
+		if kvmOpenable() {
+			if err := probe(vm.AccelKVM, kvmProbeTimeout); err == nil {
+				info.accel = vm.AccelKVM
+				return info
+			} else {
+				d.logger.Warn("/dev/kvm is there but a KVM guest does not boot; using TCG software emulation", "error", err)
+			}
+		}
+		if err := probe(vm.AccelTCG, tcgProbeTimeout); err != nil {
+			info.err = fmt.Errorf("no accelerator boots a guest: %w", err)
+			return info
+		}
+		info.accel = vm.AccelTCG
+	}
+	return info
+}
+
+func kvmOpenable() bool {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
+}
+
+// guestKit returns the kernel and initrd for command-mode VMs: the plugin config's, or the
+// guest kit's from $DESKVM_GUEST_DIR, from .deps/guest beside a source checkout the plugin
+// was built in, or from /usr/share/deskvm/guest.
+func guestKit(c *Config) (kernel, initrd string, err error) {
+	if c.Kernel != "" && c.Initrd != "" {
+		return c.Kernel, c.Initrd, nil
+	}
+	var dirs []string
+	if d := os.Getenv("DESKVM_GUEST_DIR"); d != "" {
+		dirs = append(dirs, d)
+	}
+	if exe, err := os.Executable(); err == nil {
+		// bin/plugins/nomad-driver-deskvm in a checkout: the kit is at .deps/guest.
+		dirs = append(dirs, filepath.Join(filepath.Dir(exe), "..", "..", ".deps", "guest"))
+	}
+	dirs = append(dirs, "/usr/share/deskvm/guest")
+	for _, dir := range dirs {
+		k, i := filepath.Join(dir, kitKernel), filepath.Join(dir, kitInitrd)
+		if fileExists(k) && fileExists(i) {
+			if c.Kernel != "" {
+				k = c.Kernel
+			}
+			if c.Initrd != "" {
+				i = c.Initrd
+			}
+			return k, i, nil
+		}
+	}
+	return "", "", fmt.Errorf("kernel and initrd are not set and no guest kit was found in %q (run make deps, or set kernel and initrd)", dirs)
+}
+
+func fileExists(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && !fi.IsDir()
+}
+
+// Fingerprint sends the driver's health and node attributes: at once, when the host probe
+// ends, and then every fingerprintPeriod.
+func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, error) {
+	ch := make(chan *drivers.Fingerprint)
+	go func() {
+		defer close(ch)
+		timer := time.NewTimer(0)
+		defer timer.Stop()
+		probeTick := time.NewTicker(250 * time.Millisecond)
+		defer probeTick.Stop()
+		last := probePending
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-d.ctx.Done():
+				return
+			case <-timer.C:
+				timer.Reset(fingerprintPeriod)
+			case <-probeTick.C:
+				// Report the probe's end at once rather than up to a period later.
+				if last == probeDone || d.hostInfo().probe == probePending {
+					continue
+				}
+			}
+			fp := d.buildFingerprint()
+			last = d.hostInfo().probe
+			select {
+			case ch <- fp:
+			case <-ctx.Done():
+				return
+			case <-d.ctx.Done():
+				return
+			}
+		}
+	}()
+	return ch, nil
+}
+
+func (d *Driver) buildFingerprint() *drivers.Fingerprint {
+	if d.pluginConfig() == nil {
+		return &drivers.Fingerprint{Health: drivers.HealthStateUndetected, HealthDescription: "waiting for the plugin config"}
+	}
+	host := d.hostInfo()
+	switch {
+	case host.probe == probePending:
+		return &drivers.Fingerprint{Health: drivers.HealthStateUndetected, HealthDescription: "probing the accelerator by booting a guest"}
+	case host.err != nil:
+		var health drivers.HealthState = drivers.HealthStateUnhealthy
+		if errors.Is(host.err, os.ErrNotExist) {
+			health = drivers.HealthStateUndetected
+		}
+		return &drivers.Fingerprint{Health: health, HealthDescription: host.err.Error()}
+	}
+	return &drivers.Fingerprint{
+		Health:            drivers.HealthStateHealthy,
+		HealthDescription: drivers.DriverHealthy,
+		Attributes: map[string]*pstructs.Attribute{
+			"driver.deskvm":              pstructs.NewBoolAttribute(true),
+			"driver.deskvm.version":      pstructs.NewStringAttribute(PluginVersion),
+			"driver.deskvm.accelerator":  pstructs.NewStringAttribute(string(host.accel)),
+			"driver.deskvm.qemu_version": pstructs.NewStringAttribute(host.qemuVersion),
+		},
+	}
+}

@@ -1,0 +1,324 @@
+package deskvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/deskcloud/deskcloud/driver/guestctl"
+	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/plugins/drivers"
+)
+
+// Task modes.
+const (
+	modeCommand = "command"
+	modeImage   = "image"
+)
+
+const (
+	// powerOffGrace is how long a guest may take to power off once its command has ended and
+	// the exit status is safe, before the VM is killed.
+	powerOffGrace = 30 * time.Second
+	// killGrace is how long the guest gets to report after SIGKILL, before the VM is killed.
+	killGrace = 5 * time.Second
+	// redialBackoff paces reconnecting to a guest agent whose connection dropped.
+	redialBackoff = 200 * time.Millisecond
+)
+
+// taskHandle is one task's VM as the driver sees it.
+type taskHandle struct {
+	// Set at start or recover and never changed.
+	taskConfig *drivers.TaskConfig
+	mode       string
+	spec       vm.Spec
+	machine    Machine
+	startedAt  time.Time
+	logger     hclog.Logger
+	events     func(msg string, annotations map[string]string)
+	doneCh     chan struct{} // closed once exitResult is set
+
+	mu          sync.RWMutex
+	guest       Guest // nil until connected, and while reconnecting
+	state       drivers.TaskState
+	completedAt time.Time
+	exitResult  *drivers.ExitResult
+	stats       *statsTracker
+}
+
+func (h *taskHandle) status() *drivers.TaskStatus {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return &drivers.TaskStatus{
+		ID:          h.taskConfig.ID,
+		Name:        h.taskConfig.Name,
+		State:       h.state,
+		StartedAt:   h.startedAt,
+		CompletedAt: h.completedAt,
+		ExitResult:  h.exitResult.Copy(),
+		DriverAttributes: map[string]string{
+			"pid":  fmt.Sprint(h.machine.PID()),
+			"mode": h.mode,
+			"vm":   h.spec.Name,
+		},
+	}
+}
+
+func (h *taskHandle) isRunning() bool {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.state == drivers.TaskStateRunning
+}
+
+func (h *taskHandle) currentGuest() Guest {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.guest
+}
+
+func (h *taskHandle) setGuest(g Guest) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.guest = g
+}
+
+// run follows the task until it ends and records how. It returns early, leaving the VM
+// running, when ctx ends: the driver is shutting down and a later RecoverTask takes over.
+func (h *taskHandle) run(ctx context.Context) {
+	var res *drivers.ExitResult
+	switch h.mode {
+	case modeCommand:
+		res = h.runCommand(ctx)
+	case modeImage:
+		res = h.runImage(ctx)
+	}
+	if res == nil {
+		return
+	}
+	if res.Err != nil {
+		h.events(res.Err.Error(), nil)
+	}
+	if g := h.currentGuest(); g != nil {
+		_ = g.Close()
+	}
+	_ = h.machine.Close()
+	if err := h.machine.Cleanup(); err != nil {
+		h.logger.Warn("remove vm sockets", "vm", h.spec.Name, "error", err)
+	}
+	h.mu.Lock()
+	h.state = drivers.TaskStateExited
+	h.completedAt = time.Now()
+	h.exitResult = res
+	h.mu.Unlock()
+	close(h.doneCh)
+}
+
+func (h *taskHandle) runCommand(ctx context.Context) *drivers.ExitResult {
+	if rec, ok := loadExitRecord(h.spec); ok {
+		// A previous driver saw the command end; the guest may still be powering off.
+		h.awaitPowerOff(ctx)
+		return rec.result()
+	}
+	statusCh := make(chan guestctl.Status, 1)
+	go h.watchGuest(ctx, statusCh)
+
+	select {
+	case st := <-statusCh:
+		return h.commandEnded(ctx, st)
+	case <-h.machine.Done():
+		select {
+		case st := <-statusCh:
+			return h.commandEnded(ctx, st)
+		default:
+		}
+		if rec, ok := loadExitRecord(h.spec); ok {
+			return rec.result()
+		}
+		cause := h.machine.Failure()
+		if cause == "" {
+			cause = "the guest powered off without reporting an exit status"
+		}
+		return &drivers.ExitResult{ExitCode: 1, Err: fmt.Errorf("vm %s ended before its command did: %s", h.spec.Name, cause)}
+	case <-ctx.Done():
+		return nil
+	}
+}
+
+// watchGuest keeps a connection to the guest agent and sends the command's final status. It
+// reconnects whenever the connection drops, until the VM exits or ctx ends.
+func (h *taskHandle) watchGuest(ctx context.Context, statusCh chan<- guestctl.Status) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-h.machine.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	for {
+		g := h.currentGuest()
+		if g == nil {
+			var err error
+			g, err = h.machine.Guest(ctx)
+			if err != nil {
+				return // ctx ended: the VM exited or the driver is shutting down
+			}
+			h.setGuest(g)
+		}
+		st, err := g.Wait(ctx)
+		if err == nil {
+			statusCh <- st
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		h.logger.Debug("guest connection dropped, reconnecting", "vm", h.spec.Name, "error", err)
+		h.setGuest(nil)
+		_ = g.Close()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(redialBackoff):
+		}
+	}
+}
+
+// commandEnded saves the command's exit status, lets the guest power off, and returns the
+// task's result.
+func (h *taskHandle) commandEnded(ctx context.Context, st guestctl.Status) *drivers.ExitResult {
+	rec := exitRecord{ExitCode: st.ExitCode, Signal: st.Signal, Error: st.Error}
+	if err := saveExitRecord(h.spec, rec); err != nil {
+		h.logger.Error("exit status not saved; a driver restart now would lose it", "vm", h.spec.Name, "error", err)
+	}
+	if g := h.currentGuest(); g != nil {
+		ackCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := g.Ack(ackCtx); err != nil {
+			h.logger.Warn("guest did not take the exit acknowledgement; the vm will be killed", "vm", h.spec.Name, "error", err)
+			_ = h.machine.Kill()
+		}
+		cancel()
+	}
+	h.awaitPowerOff(ctx)
+	return rec.result()
+}
+
+// awaitPowerOff waits for the VM to exit by itself, killing it after powerOffGrace.
+func (h *taskHandle) awaitPowerOff(ctx context.Context) {
+	select {
+	case <-h.machine.Done():
+		return
+	case <-ctx.Done():
+		return
+	case <-time.After(powerOffGrace):
+	}
+	h.logger.Warn("guest did not power off; killing the vm", "vm", h.spec.Name)
+	_ = h.machine.Kill()
+	select {
+	case <-h.machine.Done():
+	case <-ctx.Done():
+	}
+}
+
+func (r exitRecord) result() *drivers.ExitResult {
+	res := &drivers.ExitResult{ExitCode: r.ExitCode, Signal: r.Signal}
+	if r.Error != "" {
+		res.Err = errors.New(r.Error)
+	}
+	return res
+}
+
+func (h *taskHandle) runImage(ctx context.Context) *drivers.ExitResult {
+	select {
+	case <-h.machine.Done():
+	case <-ctx.Done():
+		return nil
+	}
+	if h.machine.GuestPoweredOff() {
+		return &drivers.ExitResult{ExitCode: 0}
+	}
+	cause := h.machine.Failure()
+	if cause == "" {
+		// Killed from outside the guest, e.g. by stop after kill_timeout.
+		return &drivers.ExitResult{Signal: int(syscall.SIGKILL)}
+	}
+	return &drivers.ExitResult{ExitCode: 1, Err: fmt.Errorf("vm %s failed: %s", h.spec.Name, cause)}
+}
+
+// stop ends the task gracefully: the signal to the guest command (command mode) or an ACPI
+// power-down (image mode), then a kill after timeout.
+func (h *taskHandle) stop(timeout time.Duration, signal string) error {
+	if !h.isRunning() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout+killGrace+10*time.Second)
+	defer cancel()
+	switch h.mode {
+	case modeCommand:
+		sig := syscall.SIGTERM
+		if signal != "" {
+			s, err := parseSignal(signal)
+			if err != nil {
+				return err
+			}
+			sig = s
+		}
+		if err := h.signal(ctx, sig); err != nil {
+			h.logger.Warn("signal guest command", "vm", h.spec.Name, "signal", sig.String(), "error", err)
+		}
+		if h.waitDone(timeout) {
+			return nil
+		}
+		if err := h.signal(ctx, syscall.SIGKILL); err != nil {
+			h.logger.Warn("kill guest command", "vm", h.spec.Name, "error", err)
+		}
+		if h.waitDone(killGrace) {
+			return nil
+		}
+	case modeImage:
+		pdCtx, pdCancel := context.WithTimeout(ctx, 5*time.Second)
+		err := h.machine.Powerdown(pdCtx)
+		pdCancel()
+		if err != nil {
+			h.logger.Warn("acpi power-down", "vm", h.spec.Name, "error", err)
+		}
+		if h.waitDone(timeout) {
+			return nil
+		}
+	}
+	if err := h.machine.Kill(); err != nil {
+		return err
+	}
+	if !h.waitDone(10 * time.Second) {
+		return fmt.Errorf("vm %s did not exit after kill", h.spec.Name)
+	}
+	return nil
+}
+
+func (h *taskHandle) waitDone(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-h.doneCh:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// signal sends sig to the guest command (command mode only).
+func (h *taskHandle) signal(ctx context.Context, sig syscall.Signal) error {
+	if h.mode != modeCommand {
+		return fmt.Errorf("signals reach only command-mode tasks; vm %s boots an image", h.spec.Name)
+	}
+	g := h.currentGuest()
+	if g == nil {
+		return fmt.Errorf("vm %s: guest agent not connected", h.spec.Name)
+	}
+	return g.Signal(ctx, sig)
+}

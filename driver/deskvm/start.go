@@ -1,0 +1,368 @@
+package deskvm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/deskcloud/deskcloud/driver/cloudinit"
+	"github.com/deskcloud/deskcloud/driver/guestctl"
+	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/hashicorp/nomad/client/lib/cpustats"
+	"github.com/hashicorp/nomad/nomad/structs"
+	"github.com/hashicorp/nomad/plugins/drivers"
+)
+
+// cgroupRoot is where the host's cgroup filesystem is mounted.
+const cgroupRoot = "/sys/fs/cgroup"
+
+// commandAppend is the kernel command line of command-mode VMs.
+const commandAppend = "console=ttyS0 panic=-1 quiet deskvm.mode=command"
+
+// StartTask boots the task's VM. In command mode it returns once the guest command runs, so
+// a command that cannot start, or a guest that cannot boot, fails the start with the cause.
+func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+	if _, ok := d.tasks.Get(cfg.ID); ok {
+		return nil, nil, fmt.Errorf("task %s is already started", cfg.ID)
+	}
+	pc := d.pluginConfig()
+	if pc == nil {
+		return nil, nil, errors.New("deskvm is not configured yet")
+	}
+	host := d.hostInfo()
+	switch {
+	case host.probe == probePending:
+		return nil, nil, structs.NewRecoverableError(errors.New("deskvm is still probing this host's accelerator"), true)
+	case host.err != nil:
+		return nil, nil, fmt.Errorf("deskvm cannot run vms on this node: %w", host.err)
+	}
+
+	var tc TaskConfig
+	if err := cfg.DecodeDriverConfig(&tc); err != nil {
+		return nil, nil, fmt.Errorf("decode deskvm task config: %w", err)
+	}
+	d.mu.RLock()
+	compute := d.compute
+	d.mu.RUnlock()
+	spec, err := buildSpec(cfg, &tc, pc, host, compute)
+	if err != nil {
+		return nil, nil, err
+	}
+
+	ctx, cancel := context.WithTimeout(d.ctx, pc.bootTimeout())
+	defer cancel()
+	mode := modeCommand
+	if tc.Image != "" {
+		mode = modeImage
+		if err := prepareImage(ctx, pc, &tc, &spec); err != nil {
+			return nil, nil, err
+		}
+	}
+
+	m, err := d.hv.Launch(ctx, spec)
+	if err != nil {
+		return nil, nil, fmt.Errorf("start vm %s: %w", spec.Name, err)
+	}
+	h := d.newHandle(cfg, mode, spec, m, time.Now())
+	if mode == modeCommand {
+		g, err := startCommand(ctx, m, guestSpec(cfg, &tc, spec))
+		if err != nil {
+			_ = m.Kill()
+			<-m.Done()
+			_ = m.Close()
+			_ = m.Cleanup()
+			return nil, nil, fmt.Errorf("start vm %s: %w", spec.Name, err)
+		}
+		h.guest = g
+	}
+
+	handle := drivers.NewTaskHandle(taskHandleVersion)
+	handle.Config = cfg
+	st := taskState{TaskConfig: cfg, Mode: mode, Spec: spec, PID: m.PID(), StartedAt: h.startedAt.UnixNano()}
+	if err := handle.SetDriverState(&st); err != nil {
+		_ = m.Kill()
+		return nil, nil, fmt.Errorf("encode driver state: %w", err)
+	}
+	d.tasks.Set(cfg.ID, h)
+	go h.run(d.ctx)
+	d.logger.Info("started task", "task_id", cfg.ID, "vm", spec.Name, "pid", m.PID(), "mode", mode,
+		"accelerator", string(spec.Accelerator))
+	return handle, nil, nil
+}
+
+// startCommand waits for the guest agent to boot and starts the command. A VM that dies on
+// the way fails with its cause, never a hang.
+func startCommand(ctx context.Context, m Machine, gs guestctl.Spec) (Guest, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-m.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	g, err := m.Guest(ctx)
+	if err == nil {
+		err = g.Start(ctx, gs)
+		if err != nil {
+			_ = g.Close()
+		}
+	}
+	if err == nil {
+		return g, nil
+	}
+	select {
+	case <-m.Done():
+		if f := m.Failure(); f != "" {
+			return nil, errors.New(f)
+		}
+		return nil, errors.New("the vm exited while booting")
+	default:
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return nil, fmt.Errorf("the guest agent did not answer within boot_timeout (console: %s): %w", m.ConsoleTail(5), err)
+	}
+	return nil, err
+}
+
+// buildSpec turns a task into a VM spec, checking everything that can be checked without
+// starting anything. Every error names the attribute at fault.
+func buildSpec(cfg *drivers.TaskConfig, tc *TaskConfig, pc *Config, host hostInfo, compute cpustats.Compute) (vm.Spec, error) {
+	if err := tc.validate(pc); err != nil {
+		return vm.Spec{}, fmt.Errorf("invalid deskvm task config: %w", err)
+	}
+	var errs []error
+	res := taskResources(cfg)
+	cpus, err := guestCPUs(res.cores, res.cpuMHz, compute)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	minMem := minCommandMemoryMiB
+	if tc.Image != "" {
+		minMem = minImageMemoryMiB
+	}
+	if res.memoryMiB < minMem {
+		errs = append(errs, fmt.Errorf("resources.memory must be at least %d MiB for the guest to boot, got %d", minMem, res.memoryMiB))
+	}
+	ports, err := portForwards(tc.Ports, cfg)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return vm.Spec{}, fmt.Errorf("invalid deskvm task: %w", err)
+	}
+
+	name := vmName(cfg.ID)
+	spec := vm.Spec{
+		Name:        name,
+		StateDir:    filepath.Join(cfg.TaskDir().Dir, "deskvm"),
+		SocketDir:   socketDir(pc.StateDir, name),
+		QEMUBinary:  pc.QEMUBinary,
+		Accelerator: host.accel,
+		CPUs:        cpus,
+		MemoryMiB:   res.memoryMiB,
+		Stdout:      orDevNull(cfg.StdoutPath),
+		Stderr:      orDevNull(cfg.StderrPath),
+		Network:     tc.Network == networkUser || len(ports) > 0,
+		Ports:       ports,
+		ExtraArgs:   slices.Clone(tc.QEMUArgs),
+	}
+	limit := res.memoryMaxMiB
+	if limit < res.memoryMiB {
+		limit = res.memoryMiB
+	}
+	spec.CgroupMemoryLimitMiB = limit + pc.MemoryOverhead
+	spec.CgroupDirs = cgroupDirs(vm.DetectCgroupMode(cgroupRoot), cfg)
+	if tc.Command != "" {
+		td := cfg.TaskDir()
+		spec.Kernel, spec.Initrd, spec.Append = host.kernel, host.initrd, commandAppend
+		spec.Shares = []vm.Share{
+			{Tag: "local", HostPath: td.LocalDir},
+			{Tag: "secrets", HostPath: td.SecretsDir},
+			{Tag: "alloc", HostPath: td.SharedAllocDir},
+		}
+	}
+	if err := spec.Validate(); err != nil {
+		return vm.Spec{}, fmt.Errorf("invalid deskvm task: %w", err)
+	}
+	return spec, nil
+}
+
+// prepareImage checks the task's image and creates its overlay and seed in the VM's state dir.
+func prepareImage(ctx context.Context, pc *Config, tc *TaskConfig, spec *vm.Spec) error {
+	if _, err := os.Stat(tc.Image); err != nil {
+		return fmt.Errorf("image %q cannot be read: %w", tc.Image, err)
+	}
+	info, err := vm.InspectImage(ctx, pc.QEMUImgBinary, tc.Image)
+	if err != nil {
+		return err
+	}
+	if info.Format != "qcow2" && info.Format != "raw" {
+		return fmt.Errorf("image %q has format %q; deskvm boots qcow2 or raw images", tc.Image, info.Format)
+	}
+	if err := os.MkdirAll(spec.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create vm state dir: %w", err)
+	}
+	overlay := filepath.Join(spec.StateDir, "overlay.qcow2")
+	if err := vm.CreateOverlay(ctx, pc.QEMUImgBinary, tc.Image, info.Format, overlay); err != nil {
+		return err
+	}
+	spec.Disk = &vm.Disk{Path: overlay, Format: "qcow2"}
+	spec.Stderr = ""
+	seed := filepath.Join(spec.StateDir, "seed.iso")
+	meta := fmt.Sprintf("instance-id: %s\nlocal-hostname: %s\n", spec.Name, spec.Name)
+	if err := cloudinit.WriteSeed(seed, []byte(tc.UserData), []byte(meta)); err != nil {
+		return fmt.Errorf("write cloud-init seed: %w", err)
+	}
+	spec.Seed = seed
+	return spec.Validate()
+}
+
+// guestSpec is what the guest agent runs in command mode.
+func guestSpec(cfg *drivers.TaskConfig, tc *TaskConfig, spec vm.Spec) guestctl.Spec {
+	gs := guestctl.Spec{
+		TaskID:   cfg.ID,
+		Command:  tc.Command,
+		Args:     tc.Args,
+		Env:      cfg.EnvList(),
+		Dir:      tc.WorkDir,
+		Hostname: hostname(cfg),
+		Mounts: []guestctl.Mount{
+			{Tag: "local", Path: "/local"},
+			{Tag: "secrets", Path: "/secrets"},
+			{Tag: "alloc", Path: "/alloc"},
+		},
+	}
+	if spec.Network {
+		gs.Network = &guestctl.Network{Address: "10.0.2.15/24", Gateway: "10.0.2.2", DNS: "10.0.2.3"}
+	}
+	return gs
+}
+
+func hostname(cfg *drivers.TaskConfig) string {
+	id := cfg.AllocID
+	if len(id) > 8 {
+		id = id[:8]
+	}
+	if id == "" {
+		return "deskvm"
+	}
+	return "deskvm-" + id
+}
+
+func orDevNull(p string) string {
+	if p == "" {
+		return os.DevNull
+	}
+	return p
+}
+
+// resources is what a task asks for, in the units the VM needs.
+type resources struct {
+	cores        int
+	cpuMHz       int64
+	memoryMiB    int
+	memoryMaxMiB int
+}
+
+func taskResources(cfg *drivers.TaskConfig) resources {
+	var r resources
+	if cfg.Resources == nil || cfg.Resources.NomadResources == nil {
+		return r
+	}
+	nr := cfg.Resources.NomadResources
+	r.cores = len(nr.Cpu.ReservedCores)
+	r.cpuMHz = nr.Cpu.CpuShares
+	r.memoryMiB = int(nr.Memory.MemoryMB)
+	r.memoryMaxMiB = int(nr.Memory.MemoryMaxMB)
+	return r
+}
+
+// guestCPUs is the vCPU count: the task's reserved cores, or else its cpu MHz over the
+// node's MHz per core, rounded up.
+func guestCPUs(cores int, cpuMHz int64, compute cpustats.Compute) (int, error) {
+	switch {
+	case cores < 0:
+		return 0, fmt.Errorf("resources.cores must be positive, got %d", cores)
+	case cores > 0:
+		return cores, nil
+	case cpuMHz <= 0:
+		return 0, fmt.Errorf("resources.cores or resources.cpu must be positive, got cores = 0 and cpu = %d", cpuMHz)
+	}
+	perCore := int64(0)
+	if compute.NumCores > 0 {
+		perCore = int64(compute.TotalCompute) / int64(compute.NumCores)
+	}
+	if perCore <= 0 {
+		return 1, nil
+	}
+	n := int((cpuMHz + perCore - 1) / perCore)
+	if compute.NumCores > 0 && n > compute.NumCores {
+		n = compute.NumCores
+	}
+	return max(n, 1), nil
+}
+
+// portForwards maps the task's port labels to the allocation's host ports.
+func portForwards(labels []string, cfg *drivers.TaskConfig) ([]vm.PortForward, error) {
+	if len(labels) == 0 {
+		return nil, nil
+	}
+	var alloc structs.AllocatedPorts
+	if cfg.Resources != nil && cfg.Resources.Ports != nil {
+		alloc = *cfg.Resources.Ports
+	}
+	var out []vm.PortForward
+	var errs []error
+	for _, l := range labels {
+		p, ok := alloc.Get(l)
+		if !ok {
+			errs = append(errs, fmt.Errorf("ports entry %q is not a port label of the group's network block", l))
+			continue
+		}
+		guest := p.To
+		if guest <= 0 {
+			guest = p.Value
+		}
+		out = append(out, vm.PortForward{HostIP: p.HostIP, HostPort: p.Value, GuestPort: guest})
+	}
+	return out, errors.Join(errs...)
+}
+
+// cgroupDirs are the task's cgroups that QEMU joins. Nomad creates them before StartTask and
+// removes them after the task; without them (a test harness) QEMU stays where it is.
+func cgroupDirs(mode vm.CgroupMode, cfg *drivers.TaskConfig) []string {
+	if cfg.Resources == nil || cfg.Resources.LinuxResources == nil || cfg.Resources.LinuxResources.CpusetCgroupPath == "" {
+		return nil
+	}
+	cpuset := cfg.Resources.LinuxResources.CpusetCgroupPath
+	switch mode {
+	case vm.CgroupV2:
+		return []string{cpuset}
+	case vm.CgroupV1:
+		scope := cfg.AllocID + "." + cfg.Name
+		dirs := []string{cpuset}
+		for _, iface := range []string{"cpu", "cpuacct", "memory", "freezer"} {
+			dir := filepath.Join(cgroupRoot, iface, "nomad", scope)
+			if iface == "cpuacct" && sameMount(filepath.Join(cgroupRoot, "cpu"), filepath.Join(cgroupRoot, "cpuacct")) {
+				continue
+			}
+			dirs = append(dirs, dir)
+		}
+		return dirs
+	}
+	return nil
+}
+
+// sameMount tells whether two cgroup v1 controller paths are one hierarchy (cpu,cpuacct).
+func sameMount(a, b string) bool {
+	ra, errA := filepath.EvalSymlinks(a)
+	rb, errB := filepath.EvalSymlinks(b)
+	return errA == nil && errB == nil && strings.EqualFold(ra, rb)
+}
