@@ -185,3 +185,27 @@ func TestBuildSpec(t *testing.T) {
 		must.SliceContains(t, spec.Args(), "user,id=net0,restrict=off,hostfwd=tcp:127.0.0.1:25000-:8080")
 	})
 }
+
+func TestProbeCache(t *testing.T) {
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "vmlinuz")
+	must.NoError(t, os.WriteFile(kernel, []byte("k"), 0o644))
+	c := validConfig()
+	info := hostInfo{qemuVersion: "7.2.22", kernel: kernel, initrd: kernel}
+	key := probeCacheKey(c, info)
+
+	_, ok := loadProbeCache(dir, key)
+	must.False(t, ok, must.Sprint("an empty state dir has no cached probe"))
+	must.NoError(t, saveProbeCache(dir, key, "tcg"))
+	accel, ok := loadProbeCache(dir, key)
+	must.True(t, ok)
+	must.Eq(t, "tcg", string(accel))
+
+	// A new kernel, QEMU or accelerator setting invalidates the cache.
+	must.NoError(t, os.WriteFile(kernel, []byte("new kernel"), 0o644))
+	_, ok = loadProbeCache(dir, probeCacheKey(c, info))
+	must.False(t, ok, must.Sprint("a changed kernel must be probed again"))
+	c.Accelerator = accelKVM
+	_, ok = loadProbeCache(dir, probeCacheKey(c, info))
+	must.False(t, ok, must.Sprint("a changed accelerator setting must be probed again"))
+}

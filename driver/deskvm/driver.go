@@ -236,7 +236,7 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 		if !force {
 			return fmt.Errorf("cannot destroy running task %s", taskID)
 		}
-		if err := h.machine.Kill(); err != nil {
+		if err := h.kill(); err != nil {
 			return err
 		}
 		if !h.waitDone(10 * time.Second) {

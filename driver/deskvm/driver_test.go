@@ -2,6 +2,7 @@ package deskvm
 
 import (
 	"context"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -52,7 +53,7 @@ func qemuBackend(t *testing.T) backend {
 	if os.Geteuid() != 0 {
 		t.Skip("real QEMU scenarios write cgroups and /run/deskvm: they need root")
 	}
-	kernel, initrd := guestkit.Kernel(), guestkit.Initrd()
+	kernel, initrd := guestkit.KernelELF(), guestkit.Initrd()
 	if !fileExists(kernel) || !fileExists(initrd) {
 		t.Skipf("real QEMU scenarios need the guest kit at %s (make deps builds it)", filepath.Dir(kernel))
 	}
@@ -355,4 +356,62 @@ func TestDriver_Fingerprint(t *testing.T) {
 	version, _ := fp.Attributes["driver.deskvm.version"].GetString()
 	must.Eq(t, PluginVersion, version)
 	must.NotNil(t, fp.Attributes["driver.deskvm.qemu_version"])
+}
+
+func TestDriver_TaskStats(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backend) {
+		h, _ := newHarness(t, b, b.newHV(), nil)
+		task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", "echo ready; while :; do :; done"}})
+		handle, logs := start(t, h, task)
+		waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
+		ch, err := h.TaskStats(t.Context(), handle.Config.ID, 100*time.Millisecond)
+		must.NoError(t, err)
+		var samples int
+		for u := range ch {
+			must.Positive(t, u.ResourceUsage.MemoryStats.RSS, must.Sprint("the VM's resident memory"))
+			must.False(t, math.IsNaN(u.ResourceUsage.CpuStats.TotalTicks), must.Sprint("ticks must be a number"))
+			if samples++; samples == 3 {
+				if b.name == "qemu" { // the fake's pid is the test process, not the busy command
+					must.Positive(t, u.ResourceUsage.CpuStats.Percent, must.Sprint("a busy guest uses CPU"))
+				}
+				break
+			}
+		}
+		must.Eq(t, 3, samples)
+		must.NoError(t, h.StopTask(handle.Config.ID, time.Second, "SIGKILL"))
+	})
+}
+
+func TestDriver_ImageMode(t *testing.T) {
+	b := qemuBackend(t)
+	image := guestkit.TestImage()
+	if !fileExists(image) {
+		t.Skipf("image mode needs the test image at %s (make deps builds it)", image)
+	}
+	before, err := os.ReadFile(image)
+	must.NoError(t, err)
+	t.Run("user data runs and the guest powers off", func(t *testing.T) {
+		h, _ := newHarness(t, b, b.newHV(), nil)
+		task := newTask(t, TaskConfig{Image: image, UserData: "#!/bin/sh\necho image-marker-$((6*7))\n"})
+		handle, logs := start(t, h, task)
+		res := waitExit(t, h, handle.Config.ID, 3*b.timeout)
+		must.Eq(t, 0, res.ExitCode, must.Sprintf("a guest that powers off ends the task with 0, got %+v", res))
+		must.Nil(t, res.Err)
+		waitFor(t, 5*time.Second, "the user data's output on the console", func() bool { o, _ := logs(); return strings.Contains(o, "image-marker-42") })
+	})
+	t.Run("stop kills a guest that ignores the power button", func(t *testing.T) {
+		// The test image has no ACPI daemon, so the power-down request goes unheard and stop
+		// must kill the VM after kill_timeout; a full OS would shut down cleanly instead.
+		h, _ := newHarness(t, b, b.newHV(), nil)
+		task := newTask(t, TaskConfig{Image: image, UserData: "#!/bin/sh\necho waiting; sleep 600\n"})
+		handle, logs := start(t, h, task)
+		waitFor(t, 3*b.timeout, "the user data to run", func() bool { o, _ := logs(); return strings.Contains(o, "waiting") })
+		must.NoError(t, h.StopTask(handle.Config.ID, 2*time.Second, ""))
+		res := waitExit(t, h, handle.Config.ID, b.timeout)
+		must.Eq(t, int(syscall.SIGKILL), res.Signal, must.Sprintf("want the VM killed after kill_timeout, got %+v", res))
+		must.Nil(t, res.Err)
+	})
+	after, err := os.ReadFile(image)
+	must.NoError(t, err)
+	must.True(t, string(before) == string(after), must.Sprint("the base image must never be written"))
 }

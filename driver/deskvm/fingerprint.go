@@ -2,10 +2,12 @@ package deskvm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/deskcloud/deskcloud/driver/vm"
@@ -13,16 +15,16 @@ import (
 	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
 )
 
-// Guest kit file names, as scripts/guestkit.sh writes them.
-const (
-	kitKernel = "vmlinuz"
-	kitInitrd = "initramfs.cpio.gz"
-)
+// Guest kit file names, as scripts/guestkit.sh writes them. The uncompressed ELF kernel
+// boots directly (PVH), skipping seconds of decompression under TCG; vmlinuz is the fallback.
+var kitKernels = []string{"vmlinux", "vmlinuz"}
+
+const kitInitrd = "initramfs.cpio.gz"
 
 const (
 	// kvmProbeTimeout bounds the KVM probe boot: a working KVM powers the probe guest off in
 	// well under a second; a broken one hangs.
-	kvmProbeTimeout = 20 * time.Second
+	kvmProbeTimeout = 10 * time.Second
 	// tcgProbeTimeout bounds the TCG probe boot, which takes a few seconds.
 	tcgProbeTimeout = 90 * time.Second
 )
@@ -70,6 +72,18 @@ func (d *Driver) probeHost(ctx context.Context, c *Config) (info hostInfo) {
 		info.err = err
 		return info
 	}
+	cacheKey := probeCacheKey(c, info)
+	if accel, ok := loadProbeCache(c.StateDir, cacheKey); ok {
+		info.accel = accel
+		return info
+	}
+	defer func() {
+		if info.err == nil {
+			if err := saveProbeCache(c.StateDir, cacheKey, info.accel); err != nil {
+				d.logger.Warn("accelerator probe not cached; the next plugin start probes again", "error", err)
+			}
+		}
+	}()
 	probe := func(a vm.Accelerator, timeout time.Duration) error {
 		return vm.ProbeAccelerator(ctx, c.QEMUBinary, info.kernel, info.initrd, a, timeout)
 	}
@@ -104,6 +118,58 @@ func (d *Driver) probeHost(ctx context.Context, c *Config) (info hostInfo) {
 	return info
 }
 
+// probeCacheFile holds the last successful probe's result in state_dir, which is normally on
+// tmpfs: a plugin restart reuses it at once, a host reboot probes again.
+const probeCacheFile = "accelerator-probe.json"
+
+type probeCache struct {
+	Key         string         `json:"key"`
+	Accelerator vm.Accelerator `json:"accelerator"`
+}
+
+// probeCacheKey changes whenever anything the probe depends on changes.
+func probeCacheKey(c *Config, info hostInfo) string {
+	stamp := func(p string) string {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return p
+		}
+		return fmt.Sprintf("%s@%d/%d", p, fi.Size(), fi.ModTime().UnixNano())
+	}
+	return strings.Join([]string{c.Accelerator, c.QEMUBinary, info.qemuVersion, stamp(info.kernel), stamp(info.initrd)}, "|")
+}
+
+func loadProbeCache(dir, key string) (vm.Accelerator, bool) {
+	b, err := os.ReadFile(filepath.Join(dir, probeCacheFile))
+	if err != nil {
+		return "", false
+	}
+	var pc probeCache
+	if json.Unmarshal(b, &pc) != nil || pc.Key != key {
+		return "", false
+	}
+	switch pc.Accelerator {
+	case vm.AccelKVM, vm.AccelTCG:
+		return pc.Accelerator, true
+	}
+	return "", false
+}
+
+func saveProbeCache(dir, key string, accel vm.Accelerator) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(probeCache{Key: key, Accelerator: accel})
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, probeCacheFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, probeCacheFile))
+}
+
 func kvmOpenable() bool {
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
@@ -130,15 +196,18 @@ func guestKit(c *Config) (kernel, initrd string, err error) {
 	}
 	dirs = append(dirs, "/usr/share/deskvm/guest")
 	for _, dir := range dirs {
-		k, i := filepath.Join(dir, kitKernel), filepath.Join(dir, kitInitrd)
-		if fileExists(k) && fileExists(i) {
-			if c.Kernel != "" {
-				k = c.Kernel
+		i := filepath.Join(dir, kitInitrd)
+		for _, name := range kitKernels {
+			k := filepath.Join(dir, name)
+			if fileExists(k) && fileExists(i) {
+				if c.Kernel != "" {
+					k = c.Kernel
+				}
+				if c.Initrd != "" {
+					i = c.Initrd
+				}
+				return k, i, nil
 			}
-			if c.Initrd != "" {
-				i = c.Initrd
-			}
-			return k, i, nil
 		}
 	}
 	return "", "", fmt.Errorf("kernel and initrd are not set and no guest kit was found in %q (run make deps, or set kernel and initrd)", dirs)

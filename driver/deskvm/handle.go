@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -41,6 +42,7 @@ type taskHandle struct {
 	logger     hclog.Logger
 	events     func(msg string, annotations map[string]string)
 	doneCh     chan struct{} // closed once exitResult is set
+	killed     atomic.Bool   // the driver itself killed the VM (stop after its timeout, destroy)
 
 	mu          sync.RWMutex
 	guest       Guest // nil until connected, and while reconnecting
@@ -137,6 +139,9 @@ func (h *taskHandle) runCommand(ctx context.Context) *drivers.ExitResult {
 		}
 		if rec, ok := loadExitRecord(h.spec); ok {
 			return rec.result()
+		}
+		if h.killed.Load() {
+			return killedResult()
 		}
 		cause := h.machine.Failure()
 		if cause == "" {
@@ -242,10 +247,12 @@ func (h *taskHandle) runImage(ctx context.Context) *drivers.ExitResult {
 	if h.machine.GuestPoweredOff() {
 		return &drivers.ExitResult{ExitCode: 0}
 	}
+	if h.killed.Load() {
+		return killedResult()
+	}
 	cause := h.machine.Failure()
 	if cause == "" {
-		// Killed from outside the guest, e.g. by stop after kill_timeout.
-		return &drivers.ExitResult{Signal: int(syscall.SIGKILL)}
+		cause = "the vm exited without the guest powering off"
 	}
 	return &drivers.ExitResult{ExitCode: 1, Err: fmt.Errorf("vm %s failed: %s", h.spec.Name, cause)}
 }
@@ -291,13 +298,25 @@ func (h *taskHandle) stop(timeout time.Duration, signal string) error {
 			return nil
 		}
 	}
-	if err := h.machine.Kill(); err != nil {
+	if err := h.kill(); err != nil {
 		return err
 	}
 	if !h.waitDone(10 * time.Second) {
 		return fmt.Errorf("vm %s did not exit after kill", h.spec.Name)
 	}
 	return nil
+}
+
+// kill ends the VM at once, and marks the end as the driver's doing, not a failure.
+func (h *taskHandle) kill() error {
+	h.killed.Store(true)
+	return h.machine.Kill()
+}
+
+// killedResult is the result of a task whose VM the driver killed, as for a process killed
+// with SIGKILL.
+func killedResult() *drivers.ExitResult {
+	return &drivers.ExitResult{ExitCode: 128 + int(syscall.SIGKILL), Signal: int(syscall.SIGKILL)}
 }
 
 func (h *taskHandle) waitDone(d time.Duration) bool {

@@ -59,7 +59,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	mode := modeCommand
 	if tc.Image != "" {
 		mode = modeImage
-		if err := prepareImage(ctx, pc, &tc, &spec); err != nil {
+		if err := prepareImage(ctx, pc, &tc, spec); err != nil {
 			return nil, nil, err
 		}
 	}
@@ -179,6 +179,12 @@ func buildSpec(cfg *drivers.TaskConfig, tc *TaskConfig, pc *Config, host hostInf
 	}
 	spec.CgroupMemoryLimitMiB = limit + pc.MemoryOverhead
 	spec.CgroupDirs = cgroupDirs(vm.DetectCgroupMode(cgroupRoot), cfg)
+	if tc.Image != "" {
+		// prepareImage creates these two before the VM starts.
+		spec.Disk = &vm.Disk{Path: filepath.Join(spec.StateDir, "overlay.qcow2"), Format: "qcow2"}
+		spec.Seed = filepath.Join(spec.StateDir, "seed.iso")
+		spec.Stderr = "" // the serial console is the task's stdout
+	}
 	if tc.Command != "" {
 		td := cfg.TaskDir()
 		spec.Kernel, spec.Initrd, spec.Append = host.kernel, host.initrd, commandAppend
@@ -194,8 +200,8 @@ func buildSpec(cfg *drivers.TaskConfig, tc *TaskConfig, pc *Config, host hostInf
 	return spec, nil
 }
 
-// prepareImage checks the task's image and creates its overlay and seed in the VM's state dir.
-func prepareImage(ctx context.Context, pc *Config, tc *TaskConfig, spec *vm.Spec) error {
+// prepareImage checks the task's image and creates the overlay and seed that spec names.
+func prepareImage(ctx context.Context, pc *Config, tc *TaskConfig, spec vm.Spec) error {
 	if _, err := os.Stat(tc.Image); err != nil {
 		return fmt.Errorf("image %q cannot be read: %w", tc.Image, err)
 	}
@@ -209,19 +215,14 @@ func prepareImage(ctx context.Context, pc *Config, tc *TaskConfig, spec *vm.Spec
 	if err := os.MkdirAll(spec.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create vm state dir: %w", err)
 	}
-	overlay := filepath.Join(spec.StateDir, "overlay.qcow2")
-	if err := vm.CreateOverlay(ctx, pc.QEMUImgBinary, tc.Image, info.Format, overlay); err != nil {
+	if err := vm.CreateOverlay(ctx, pc.QEMUImgBinary, tc.Image, info.Format, spec.Disk.Path); err != nil {
 		return err
 	}
-	spec.Disk = &vm.Disk{Path: overlay, Format: "qcow2"}
-	spec.Stderr = ""
-	seed := filepath.Join(spec.StateDir, "seed.iso")
 	meta := fmt.Sprintf("instance-id: %s\nlocal-hostname: %s\n", spec.Name, spec.Name)
-	if err := cloudinit.WriteSeed(seed, []byte(tc.UserData), []byte(meta)); err != nil {
+	if err := cloudinit.WriteSeed(spec.Seed, []byte(tc.UserData), []byte(meta)); err != nil {
 		return fmt.Errorf("write cloud-init seed: %w", err)
 	}
-	spec.Seed = seed
-	return spec.Validate()
+	return nil
 }
 
 // guestSpec is what the guest agent runs in command mode.

@@ -3,10 +3,13 @@ package deskvm
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"time"
 
 	"github.com/hashicorp/nomad/client/lib/cpustats"
+	"github.com/hashicorp/nomad/client/lib/numalib/hw"
 	cstructs "github.com/hashicorp/nomad/client/structs"
+	"github.com/shirou/gopsutil/v3/cpu"
 	"github.com/shirou/gopsutil/v3/process"
 )
 
@@ -16,7 +19,21 @@ type statsTracker struct {
 }
 
 func newStatsTracker(c cpustats.Compute) *statsTracker {
+	if c.NumCores <= 0 || c.TotalCompute <= 0 {
+		// Without the agent's topology (older agents, test harnesses) ticks would be 0/0.
+		c = hostCompute()
+	}
 	return &statsTracker{total: cpustats.New(c), user: cpustats.New(c), system: cpustats.New(c)}
+}
+
+// hostCompute measures the host's cores and MHz the way Nomad's fingerprint would.
+func hostCompute() cpustats.Compute {
+	cores := runtime.NumCPU()
+	mhz := 1000.0
+	if infos, err := cpu.Info(); err == nil && len(infos) > 0 && infos[0].Mhz > 0 {
+		mhz = infos[0].Mhz
+	}
+	return cpustats.Compute{TotalCompute: hw.MHz(float64(cores) * mhz), NumCores: cores}
 }
 
 // usage measures the VM's QEMU process: its CPU (all vCPUs and QEMU's own threads) and its

@@ -95,6 +95,10 @@ type Spec struct {
 
 	// ExtraArgs are appended verbatim; the caller has checked them against its allow-list.
 	ExtraArgs []string
+
+	// Incoming is the state file of a checkpoint to resume from (see Restore). QEMU then
+	// starts with -incoming defer and waits, paused, for the state to be fed in over QMP.
+	Incoming string
 }
 
 // QMPSocket is the path of the VM's QMP monitor socket.
@@ -226,6 +230,9 @@ func (s *Spec) Args() []string {
 			netdev += fmt.Sprintf(",hostfwd=%s:%s:%d-:%d", proto, p.HostIP, p.HostPort, p.GuestPort)
 		}
 		args = append(args, "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0")
+	}
+	if s.Incoming != "" {
+		args = append(args, "-incoming", "defer")
 	}
 	return append(args, s.ExtraArgs...)
 }

@@ -199,11 +199,18 @@ func TestExecSignalStatsAndStop(t *testing.T) {
 	must.NoError(t, a.Client.Allocations().Signal(alloc, nil, "pi", "SIGUSR1"))
 	waitLog(t, a, alloc, "got-usr1", 30*time.Second)
 
-	// nomad alloc status -stats
-	usage, err := a.Client.Allocations().Stats(alloc, nil)
-	must.NoError(t, err)
-	ru := usage.Tasks["pi"].ResourceUsage
-	must.Positive(t, ru.MemoryStats.RSS, must.Sprint("the VM's memory must show in stats"))
+	// nomad alloc status -stats: the VM's QEMU process, once the first sample is in.
+	var rss uint64
+	deadline := time.Now().Add(30 * time.Second)
+	for rss == 0 && time.Now().Before(deadline) {
+		usage, err := a.Client.Allocations().Stats(alloc, nil)
+		if err == nil && usage.Tasks["pi"] != nil && usage.Tasks["pi"].ResourceUsage != nil && usage.Tasks["pi"].ResourceUsage.MemoryStats != nil {
+			rss = usage.Tasks["pi"].ResourceUsage.MemoryStats.RSS
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	must.Positive(t, rss, must.Sprint("the VM's memory must show in nomad alloc status -stats"))
+	t.Logf("VM resident memory: %d MiB", rss>>20)
 
 	// nomad job stop: SIGTERM reaches the guest command, which exits 0.
 	_, _, err = a.Client.Jobs().Deregister(*job.ID, false, nil)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# bench.sh runs every benchmark side by side with its baseline, in one run, and prints medians
+# and ratios. Figures go into docs/performance.md by hand, with the machine they came from.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=$PWD/.deps/bin:$PATH
+
+echo "==> machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), qemu $(qemu-system-x86_64 --version | head -1 | awk '{print $4}')"
+
+echo "==> cold start: deskvm vs Nomad's qemu driver vs bare QEMU"
+go run ./scripts/coldstart -runs "${BENCH_RUNS:-5}"
+
+echo "==> owner sensing and yield decisions (Go benchmarks)"
+go test -run '^$' -bench . -benchmem -count 1 ./internal/owner/ ./internal/yield/
