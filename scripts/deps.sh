@@ -25,6 +25,7 @@ APT_PACKAGES=(
   busybox-static             # /bin/sh and friends inside the guest kit
   syslinux syslinux-common mtools dosfstools # the bootable test disk image for image mode
   containernetworking-plugins # CNI plugins for Nomad bridge networking
+  dbus-daemon                # a private bus for the owner-sensing logind tests
   jq curl
 )
 

@@ -26,9 +26,9 @@ type Machine struct {
 
 	mu       sync.Mutex
 	mon      *Monitor // the one QMP connection; nil once closed
-	exitCode int  // QEMU's exit code, when known
-	signaled bool // QEMU was killed by a signal
-	known    bool // the exit status is known (only for a QEMU this process started)
+	exitCode int      // QEMU's exit code, when known
+	signaled bool     // QEMU was killed by a signal
+	known    bool     // the exit status is known (only for a QEMU this process started)
 }
 
 // ExitStatus is how the QEMU process ended.

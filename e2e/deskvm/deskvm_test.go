@@ -292,8 +292,8 @@ func TestImageJob(t *testing.T) {
 	src, err := os.ReadFile(repoPath(t, "jobs/image.nomad.hcl"))
 	must.NoError(t, err)
 	job, err := a.Client.Jobs().ParseHCLOpts(&api.JobsParseRequest{
-		JobHCL:    string(src),
-		Variables: `image = "` + image + `"`,
+		JobHCL:       string(src),
+		Variables:    `image = "` + image + `"`,
 		Canonicalize: true,
 	})
 	must.NoError(t, err)

@@ -70,6 +70,10 @@ func up() error {
 	}
 	root, _ := cluster.RepoRoot()
 	jobFile := filepath.Join(root, "jobs", "hello.nomad.hcl")
+	// Nomad does not run an unchanged batch job again: purge the last run first.
+	if _, _, err := a.Client.Jobs().Deregister("hello", true, nil); err != nil {
+		return fmt.Errorf("purge the previous hello job: %w", err)
+	}
 	fmt.Println("==> running jobs/hello.nomad.hcl")
 	job, err := a.RunJobFile(jobFile, nil)
 	if err != nil {
