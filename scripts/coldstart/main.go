@@ -58,7 +58,11 @@ func run(runs int) error {
 		return err
 	}
 	kit := filepath.Join(root, ".deps", "guest")
-	kernel, initrd := filepath.Join(kit, "vmlinuz"), filepath.Join(kit, "initramfs.cpio.gz")
+	// Boot the kernel deskvm boots: the uncompressed ELF when the kit has it.
+	kernel, initrd := filepath.Join(kit, "vmlinux"), filepath.Join(kit, "initramfs.cpio.gz")
+	if _, err := os.Stat(kernel); err != nil {
+		kernel = filepath.Join(kit, "vmlinuz")
+	}
 
 	dir, err := os.MkdirTemp("", "deskcloud-bench-")
 	if err != nil {
@@ -128,7 +132,9 @@ func run(runs int) error {
 			accel = n.Attributes["driver.deskvm.accelerator"]
 		}
 	}
-	fmt.Printf("cold start, %d runs each, accelerator %s, medians:\n\n", runs, accel)
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Printf("cold start, %d runs each, accelerator %s, kernel %s, load average %s, medians:\n\n",
+		runs, accel, filepath.Base(kernel), strings.Join(strings.Fields(string(load))[:3], " "))
 	fmt.Printf("| %-62s | %8s | %s |\n", "measure", "median", "vs deskvm")
 	fmt.Printf("|%s|%s|%s|\n", strings.Repeat("-", 64), strings.Repeat("-", 10), strings.Repeat("-", 11))
 	row := func(s *series, base *series) {
