@@ -3,6 +3,7 @@ package deskvm
 import (
 	"context"
 	"math"
+	"strconv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -414,4 +415,33 @@ func TestDriver_ImageMode(t *testing.T) {
 	after, err := os.ReadFile(image)
 	must.NoError(t, err)
 	must.True(t, string(before) == string(after), must.Sprint("the base image must never be written"))
+}
+
+// TestDriver_QEMUCrashFailsTask kills QEMU under a running task: the task must fail with the
+// cause, never hang.
+func TestDriver_QEMUCrashFailsTask(t *testing.T) {
+	b := qemuBackend(t)
+	h, d := newHarness(t, b, b.newHV(), nil)
+	events, err := d.TaskEvents(t.Context())
+	must.NoError(t, err)
+	task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", "echo ready; sleep 600"}})
+	handle, logs := start(t, h, task)
+	waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
+	st, err := h.InspectTask(handle.Config.ID)
+	must.NoError(t, err)
+	pid, err := strconv.Atoi(st.DriverAttributes["pid"])
+	must.NoError(t, err)
+	must.NoError(t, syscall.Kill(pid, syscall.SIGSEGV))
+
+	res := waitExit(t, h, handle.Config.ID, b.timeout)
+	must.NotNil(t, res.Err, must.Sprintf("a crashed VM must fail the task, got %+v", res))
+	must.StrContains(t, res.Err.Error(), "qemu was killed by a signal")
+	waitFor(t, 10*time.Second, "a task event with the cause", func() bool {
+		select {
+		case ev := <-events:
+			return ev.TaskID == handle.Config.ID && strings.Contains(ev.Message, "qemu was killed by a signal")
+		default:
+			return false
+		}
+	})
 }

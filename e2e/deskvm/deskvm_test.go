@@ -6,9 +6,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -212,11 +215,34 @@ func TestExecSignalStatsAndStop(t *testing.T) {
 	must.Positive(t, rss, must.Sprint("the VM's memory must show in nomad alloc status -stats"))
 	t.Logf("VM resident memory: %d MiB", rss>>20)
 
+	// QEMU runs inside the task's cgroup.
+	cg := qemuCgroups(t, alloc.ID)
+	must.StrContains(t, cg, alloc.ID+".pi", must.Sprint("QEMU must run in the task's cgroup"))
+
 	// nomad job stop: SIGTERM reaches the guest command, which exits 0.
 	_, _, err = a.Client.Jobs().Deregister(*job.ID, false, nil)
 	must.NoError(t, err)
 	alloc = waitAlloc(t, a, job, "the task to stop", 2*time.Minute, cluster.Terminal)
 	waitLog(t, a, alloc, "got-term", 30*time.Second)
+}
+
+// qemuCgroups returns /proc/PID/cgroup of the QEMU process serving allocID's task.
+func qemuCgroups(t *testing.T, allocID string) string {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	must.NoError(t, err)
+	for _, e := range entries {
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(cmdline, []byte("qemu-system")) {
+			continue
+		}
+		cg, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
+		if err == nil && bytes.Contains(cg, []byte(allocID)) {
+			return string(cg)
+		}
+	}
+	t.Fatalf("no QEMU process is in a cgroup of allocation %s", allocID)
+	return ""
 }
 
 func waitLog(t *testing.T, a *cluster.Agent, alloc *api.Allocation, want string, timeout time.Duration) {
@@ -280,6 +306,43 @@ func TestRecoverAfterAgentRestart(t *testing.T) {
 	defer cancel()
 	must.NoError(t, a.WaitReady(ctx))
 	assertRecovered(t, a, job)
+}
+
+// TestPortForward serves HTTP from inside the guest on a Nomad-assigned host port.
+func TestPortForward(t *testing.T) {
+	a := agent(t)
+	job := runJob(t, a, "jobs/hello.nomad.hcl", func(j *api.Job) {
+		tg := j.TaskGroups[0]
+		tg.Networks = []*api.NetworkResource{{DynamicPorts: []api.Port{{Label: "http", To: 8080}}}}
+		task := tg.Tasks[0]
+		task.Config["command"] = "/bin/sh"
+		task.Config["args"] = []string{"-c", `mkdir -p /tmp/www && echo "served from $(hostname)" > /tmp/www/index.html && echo ready && exec httpd -f -p 8080 -h /tmp/www`}
+		task.Config["network"] = "user"
+		task.Config["ports"] = []string{"http"}
+	})
+	alloc := waitAlloc(t, a, job, "the task to run", 3*time.Minute, cluster.Running("pi"))
+	waitLog(t, a, alloc, "ready", time.Minute)
+	var port int
+	for _, p := range alloc.AllocatedResources.Shared.Ports {
+		if p.Label == "http" {
+			port = p.Value
+		}
+	}
+	must.Positive(t, port, must.Sprint("the http port must be allocated"))
+	url := "http://127.0.0.1:" + strconv.Itoa(port) + "/"
+	var body string
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(url)
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			body = string(b)
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	must.StrContains(t, body, "served from deskvm-"+alloc.ID[:8], must.Sprintf("GET %s", url))
 }
 
 func TestImageJob(t *testing.T) {
