@@ -3,10 +3,10 @@ package deskvm
 import (
 	"context"
 	"math"
-	"strconv"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"

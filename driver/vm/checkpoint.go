@@ -132,16 +132,23 @@ type migrationInfo struct {
 // checks that QEMU reports the save completed, carries the disk overlay along (image mode),
 // writes the manifest last, and quits QEMU. Restore resumes the VM from dir.
 //
-// If QEMU cannot save this VM (ErrCheckpointBlocked), nothing is changed: a running guest
-// keeps running. If the save fails later, the guest is left paused and QEMU running, so
-// the caller may Resume it or try again.
+// Either the checkpoint is complete and QEMU has exited, or the VM is left as it was, running
+// if it ran, and dir holds no checkpoint. ErrCheckpointBlocked means QEMU cannot save this VM
+// at all (a 9p share is mounted, for one); the guest is then not even paused.
 func (m *Machine) Checkpoint(ctx context.Context, dir string) (Checkpoint, error) {
 	cp := Checkpoint{Dir: dir}
 	mon, err := m.Monitor()
 	if err != nil {
 		return cp, err
 	}
+	// A VM in the idle class gets no CPU while the owner is busy, and QEMU's monitor and
+	// migration threads are its threads too: the save could take minutes. Its threads run
+	// normally from here until QEMU exits; the vCPUs are paused at once and use nothing.
+	reidle := m.unstarve()
 	fail := func(err error) (Checkpoint, error) {
+		if rerr := reidle(); rerr != nil {
+			err = fmt.Errorf("%w (and the vm lost its idle class: %v)", err, rerr)
+		}
 		return cp, fmt.Errorf("checkpoint vm %s: %w", m.spec.Name, err)
 	}
 
@@ -172,26 +179,42 @@ func (m *Machine) Checkpoint(ctx context.Context, dir string) (Checkpoint, error
 	}
 	defer state.Close()
 
+	wasRunning, err := mon.RunState(ctx)
+	if err != nil {
+		return fail(err)
+	}
 	start := time.Now()
 	if err := m.Pause(ctx); err != nil {
 		return fail(err)
 	}
-	if err := mon.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": checkpointBandwidth}, nil); err != nil {
+	// From here on, a failure puts the VM back as it was; the directory then has no
+	// manifest, so it is never taken for a checkpoint.
+	failPaused := func(err error) (Checkpoint, error) {
+		if wasRunning == "running" {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer cancel()
+			if rerr := m.Resume(rctx); rerr != nil {
+				err = fmt.Errorf("%w (and the vm stays paused: %v)", err, rerr)
+			}
+		}
 		return fail(err)
+	}
+	if err := mon.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": checkpointBandwidth}, nil); err != nil {
+		return failPaused(err)
 	}
 	size, sum, err := m.saveState(ctx, mon, state)
 	if err != nil {
-		return fail(err)
+		return failPaused(err)
 	}
 	cp.Save = time.Since(start)
 	if size == 0 {
-		return fail(errors.New("qemu wrote an empty state"))
+		return failPaused(errors.New("qemu wrote an empty state"))
 	}
 	if err := state.Sync(); err != nil {
-		return fail(fmt.Errorf("sync state: %w", err))
+		return failPaused(fmt.Errorf("sync state: %w", err))
 	}
 	if err := state.Close(); err != nil {
-		return fail(fmt.Errorf("close state: %w", err))
+		return failPaused(fmt.Errorf("close state: %w", err))
 	}
 	cp.StateBytes = size
 
@@ -208,13 +231,13 @@ func (m *Machine) Checkpoint(ctx context.Context, dir string) (Checkpoint, error
 		// consistent with the saved RAM.
 		md, err := carryDisk(d, dir)
 		if err != nil {
-			return fail(err)
+			return failPaused(err)
 		}
 		mf.Disk = &md
 		cp.DiskBytes = md.Size
 	}
 	if err := writeManifest(dir, mf); err != nil {
-		return fail(err)
+		return failPaused(err)
 	}
 
 	if err := mon.Quit(ctx); err != nil && !m.Exited() {
@@ -232,6 +255,31 @@ func (m *Machine) Checkpoint(ctx context.Context, dir string) (Checkpoint, error
 	_ = m.Close()
 	cp.Paused = time.Since(start)
 	return cp, nil
+}
+
+// unstarve puts the VM's threads and cgroups that are in the idle class back in the normal
+// class, and returns the function that restores what it changed.
+func (m *Machine) unstarve() (reidle func() error) {
+	idle, _ := IdleClass(m.pid)
+	var idleDirs []string
+	for _, d := range m.spec.CgroupDirs {
+		if ok, _ := CgroupIdle(d); ok && ClearCgroupIdle(d) == nil {
+			idleDirs = append(idleDirs, d)
+		}
+	}
+	if idle {
+		_ = SetNormalClass(m.pid)
+	}
+	return func() error {
+		var errs []error
+		if idle {
+			errs = append(errs, SetIdleClass(m.pid))
+		}
+		for _, d := range idleDirs {
+			errs = append(errs, SetCgroupIdle(d))
+		}
+		return errors.Join(errs...)
+	}
 }
 
 // saveState runs the migration of the paused VM into a pipe and copies the stream to w while
@@ -267,6 +315,11 @@ func (m *Machine) saveState(ctx context.Context, mon *Monitor, w io.Writer) (int
 		_ = mon.Execute(context.WithoutCancel(ctx), "closefd", map[string]any{"fdname": checkpointFD}, nil)
 		r.Close()
 		<-done
+		// A blocker may have appeared since Checkpoint looked (a share mounted meanwhile).
+		var mi migrationInfo
+		if qerr := mon.Execute(ctx, "query-migrate", nil, &mi); qerr == nil && len(mi.BlockedReasons) > 0 {
+			return 0, "", fmt.Errorf("%w: %s", ErrCheckpointBlocked, strings.Join(mi.BlockedReasons, "; "))
+		}
 		return 0, "", fmt.Errorf("save state: %w", err)
 	}
 	if err := waitMigration(ctx, mon, m.done); err != nil {
@@ -351,11 +404,43 @@ func Restore(ctx context.Context, spec Spec, dir string) (*Machine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("restore vm %s: %w", spec.Name, err)
 	}
+	if err := m.checkVersion(ctx, mf.QEMUVersion); err != nil {
+		_ = m.Kill()
+		return nil, fmt.Errorf("restore vm %s from %s: %w", spec.Name, dir, err)
+	}
 	if err := m.loadState(ctx, state); err != nil {
 		_ = m.Kill()
 		return nil, fmt.Errorf("restore vm %s from %s: %w", spec.Name, dir, err)
 	}
 	return m, nil
+}
+
+// checkVersion refuses a QEMU other than the one that saved the state: the VM's machine type
+// is the unversioned "q35", which each QEMU release maps to its own machine, and QEMU loads
+// a state only into the machine that saved it.
+func (m *Machine) checkVersion(ctx context.Context, want string) error {
+	mon, err := m.Monitor()
+	if err != nil {
+		return err
+	}
+	var ver struct {
+		QEMU struct{ Major, Minor, Micro int } `json:"qemu"`
+	}
+	if err := mon.Execute(ctx, "query-version", nil, &ver); err != nil {
+		return err
+	}
+	got := fmt.Sprintf("%d.%d.%d", ver.QEMU.Major, ver.QEMU.Minor, ver.QEMU.Micro)
+	// Stable releases (the third number) keep their release's machine types.
+	if release(got) != release(want) {
+		return fmt.Errorf("checkpoint was saved by qemu %s, this qemu is %s", want, got)
+	}
+	return nil
+}
+
+// release is "major.minor" of a QEMU version.
+func release(version string) string {
+	parts := strings.SplitN(version, ".", 3)
+	return strings.Join(parts[:min(2, len(parts))], ".")
 }
 
 // loadState feeds the state file to a QEMU started with -incoming defer and waits until QEMU

@@ -15,7 +15,9 @@ import (
 
 	"github.com/shoenig/test/must"
 
+	"github.com/deskcloud/deskcloud/driver/cloudinit"
 	"github.com/deskcloud/deskcloud/driver/guestctl"
+	"github.com/deskcloud/deskcloud/driver/guestkit"
 )
 
 // countScript prints 0 to n-1, one line every 100 ms, then exits with code.
@@ -66,9 +68,13 @@ func TestCheckpointRestore(t *testing.T) {
 	ctx := t.Context()
 	const total, code = 150, 7
 	spec := testSpec(t, "ckpt-test", 1, 512)
+	spec.CgroupDirs = testCgroups(t)
 	m := startTestVM(t, ctx, spec)
 	c := startCommand(t, ctx, m, countScript(total, code))
 	waitFor(t, ctx, time.Minute, "the guest to count to 20", func() bool { return len(counts(t, spec.Stdout)) >= 20 })
+	// As deskvm runs it: a VM in the idle class still checkpoints at once on a busy host.
+	must.NoError(t, SetIdleClass(m.PID()))
+	must.NoError(t, SetCgroupIdle(spec.CgroupDirs[0]))
 
 	dir := filepath.Join(t.TempDir(), "checkpoint")
 	cp, err := m.Checkpoint(ctx, dir)
@@ -144,11 +150,16 @@ func TestCheckpoint9p(t *testing.T) {
 	}
 
 	// QEMU's virtio-9p device blocks migration while the guest has the share mounted.
+	must.NoError(t, SetIdleClass(m.PID()))
 	_, err := m.Checkpoint(ctx, filepath.Join(t.TempDir(), "blocked"))
 	must.ErrorIs(t, err, ErrCheckpointBlocked)
 	must.ErrorContains(t, err, "mount_tag 'local'")
 	t.Logf("checkpoint with 9p mounted: %v", err)
 	must.Eq(t, "running", runState(t, ctx, m), must.Sprint("a refused checkpoint must leave the vm running"))
+	idle, err := IdleClass(m.PID())
+	must.NoError(t, err)
+	must.True(t, idle, must.Sprint("a refused checkpoint must leave the vm in the idle class"))
+	must.NoError(t, SetNormalClass(m.PID()))
 
 	// The share cannot be unmounted while a guest process has a file open on it...
 	code, out := exec(c, "exec 3</local/hello; umount /local")
@@ -267,6 +278,89 @@ func TestCheckCheckpointDisk(t *testing.T) {
 	// A VM restored from the checkpoint writes to the disk: the checkpoint is spent.
 	must.NoError(t, os.WriteFile(spec.Disk.Path, []byte("qcow2 overlay, written since"), 0o600))
 	err = CheckCheckpoint(dir)
+	must.ErrorIs(t, err, ErrTornCheckpoint)
+	must.ErrorContains(t, err, "changed since the checkpoint")
+}
+
+func TestRelease(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"7.2.22", "7.2"}, {"8.0.0", "8.0"}, {"9", "9"},
+	} {
+		t.Run(tc.in, func(t *testing.T) { must.Eq(t, tc.want, release(tc.in)) })
+	}
+}
+
+// imageScript is user-data for the kit's test image: it writes a marker to the end of the
+// boot disk and syncs it, counts, then reads the marker back from the disk, past the page
+// cache.
+const imageScript = `#!/bin/sh
+d=vda
+[ "$(cat /sys/block/vdb/size)" -gt "$(cat /sys/block/vda/size)" ] && d=vdb
+s=$(($(cat /sys/block/$d/size) - 8))
+echo disk-marker-before | dd of=/dev/$d bs=512 seek=$s conv=fsync 2>/dev/null
+i=0; while [ $i -lt 60 ]; do echo count $i; i=$((i+1)); sleep 0.1; done
+echo 3 > /proc/sys/vm/drop_caches
+echo read-back $(dd if=/dev/$d bs=512 skip=$s count=1 2>/dev/null | head -c 18)
+exit 4
+`
+
+// consoleCounts are the numbers of the "count N" lines of an image-mode console.
+func consoleCounts(tb testing.TB, path string) []int {
+	tb.Helper()
+	b, _ := os.ReadFile(path)
+	var out []int
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), "count "); ok {
+			n, err := strconv.Atoi(v)
+			must.NoError(tb, err)
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func TestCheckpointImageMode(t *testing.T) {
+	requireQEMU(t)
+	ctx := t.Context()
+	spec := testSpec(t, "ckpt-image", 1, 256)
+	spec.Kernel, spec.Initrd, spec.Append, spec.Stderr = "", "", "", ""
+	must.NoError(t, os.MkdirAll(spec.StateDir, 0o700))
+	overlay := filepath.Join(spec.StateDir, "overlay.qcow2")
+	must.NoError(t, CreateOverlay(ctx, "qemu-img", guestkit.TestImage(), "qcow2", overlay))
+	spec.Disk = &Disk{Path: overlay, Format: "qcow2"}
+	spec.Seed = filepath.Join(spec.StateDir, "seed.iso")
+	must.NoError(t, cloudinit.WriteSeed(spec.Seed, []byte(imageScript), []byte("instance-id: ckpt-image\n")))
+
+	m := startTestVM(t, ctx, spec)
+	waitFor(t, ctx, bootTimeout, "the image guest to count to 10", func() bool { return len(consoleCounts(t, spec.Stdout)) >= 10 })
+	dir := filepath.Join(t.TempDir(), "checkpoint")
+	cp, err := m.Checkpoint(ctx, dir)
+	must.NoError(t, err)
+	must.Positive(t, cp.DiskBytes)
+	must.FileExists(t, filepath.Join(dir, CheckpointDiskFile))
+	before := consoleCounts(t, spec.Stdout)
+
+	rspec := spec
+	rspec.Stdout = spec.Stdout + ".resumed"
+	rspec.Disk = &Disk{Path: "/elsewhere/overlay.qcow2", Format: "qcow2"} // the checkpoint's disk is used
+	m2, err := Restore(ctx, rspec, dir)
+	must.NoError(t, err)
+	t.Cleanup(func() { stopTestVM(t, m2) })
+	must.NoError(t, m2.Resume(ctx))
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	must.NoError(t, m2.Wait(wctx), must.Sprint("the resumed guest powers off after its user-data"))
+
+	console, err := os.ReadFile(rspec.Stdout)
+	must.NoError(t, err)
+	must.StrContains(t, string(console), "read-back disk-marker-before", must.Sprint("the disk carried along holds what the guest wrote before the checkpoint"))
+	must.StrContains(t, string(console), "deskvm-image: user-data exited 4")
+	after := consoleCounts(t, rspec.Stdout)
+	must.SliceNotEmpty(t, after)
+	must.Eq(t, before[len(before)-1]+1, after[0], must.Sprintf("count after the restore: before %v, after %v", before, after))
+
+	// The restored VM wrote to the checkpoint's disk: the checkpoint is spent.
+	_, err = Restore(ctx, rspec, dir)
 	must.ErrorIs(t, err, ErrTornCheckpoint)
 	must.ErrorContains(t, err, "changed since the checkpoint")
 }

@@ -48,7 +48,10 @@ func TestHelperProcess(t *testing.T) {
 		select {}
 	case strings.HasPrefix(job, "spin="):
 		// A fixed amount of CPU work: the owner's workload in the benchmarks.
+		// It starts when its stdin gives a byte, so that the parent can first move it
+		// into a cgroup.
 		n, _ := strconv.ParseInt(strings.TrimPrefix(job, "spin="), 10, 64)
+		_, _ = os.Stdin.Read(make([]byte, 1))
 		fmt.Println(spin(n))
 		os.Exit(0)
 	}
@@ -334,16 +337,28 @@ func testCgroups(tb testing.TB) []string {
 		dirs = append(dirs, dir)
 	}
 	tb.Cleanup(func() {
+		// The VMs in them were killed by cleanups registered later, which ran first.
 		for _, d := range dirs {
-			// The VMs in it were killed by cleanups registered later, which ran first;
-			// the kernel empties the cgroup a moment after they exit.
-			deadline := time.Now().Add(10 * time.Second)
-			for os.Remove(d) != nil && time.Now().Before(deadline) {
-				time.Sleep(20 * time.Millisecond)
-			}
+			removeCgroup(d)
 		}
 	})
 	return dirs
+}
+
+// removeCgroup removes a cgroup dir once the kernel has let go of the processes that were in
+// it, which takes a moment after they exit.
+func removeCgroup(dir string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for os.Remove(dir) != nil {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 func sameFile(a, b string) bool {
@@ -400,6 +415,11 @@ func startTestVM(tb testing.TB, ctx context.Context, spec Spec) *Machine {
 }
 
 func stopTestVM(tb testing.TB, m *Machine) {
+	// A starved QEMU takes long to die: it needs CPU to exit.
+	for _, d := range m.Spec().CgroupDirs {
+		_ = os.WriteFile(filepath.Join(d, "cpu.idle"), []byte("0"), 0o644)
+	}
+	_ = setNice(m.PID(), 0)
 	_ = m.Kill()
 	<-m.Done()
 	_ = m.Close()
@@ -450,13 +470,25 @@ func TestYieldQEMU(t *testing.T) {
 			}
 		}
 		must.Eq(t, 2, vcpus, must.Sprintf("vcpu threads among %v", pol))
+
+		// Back to normal: the balloon below needs the guest to get CPU on a busy host.
+		must.NoError(t, SetNormalClass(m.PID()))
+		for name, p := range threadPolicies(t, m.PID()) {
+			must.Eq(t, unix.SCHED_NORMAL, p, must.Sprintf("qemu thread %s policy after SetNormalClass", name))
+		}
 	})
 
 	t.Run("cgroup idle", func(t *testing.T) {
-		must.NoError(t, SetCgroupIdle(cgroups[0]))
-		idle, err := CgroupIdle(cgroups[0])
-		must.NoError(t, err)
-		must.True(t, idle)
+		for _, want := range []bool{true, false} {
+			set := SetCgroupIdle
+			if !want {
+				set = ClearCgroupIdle
+			}
+			must.NoError(t, set(cgroups[0]))
+			idle, err := CgroupIdle(cgroups[0])
+			must.NoError(t, err)
+			must.Eq(t, want, idle)
+		}
 	})
 
 	t.Run("cpu cap", func(t *testing.T) {
