@@ -179,6 +179,9 @@ func buildSpec(cfg *drivers.TaskConfig, tc *TaskConfig, pc *Config, host hostInf
 	}
 	spec.CgroupMemoryLimitMiB = limit + pc.MemoryOverhead
 	spec.CgroupDirs = cgroupDirs(vm.DetectCgroupMode(cgroupRoot), cfg)
+	if cfg.Resources != nil && cfg.Resources.LinuxResources != nil {
+		spec.CgroupCPUShares = cfg.Resources.LinuxResources.CPUShares
+	}
 	if tc.Image != "" {
 		// prepareImage creates these two before the VM starts.
 		spec.Disk = &vm.Disk{Path: filepath.Join(spec.StateDir, "overlay.qcow2"), Format: "qcow2"}

@@ -41,7 +41,7 @@ func DetectCgroupMode(root string) CgroupMode {
 // joinCgroups moves pid into every dir and applies the memory limit where a dir has a memory
 // controller. A dir that does not exist is created: Nomad normally creates the task's cgroups
 // before StartTask, but a driver test harness may not.
-func joinCgroups(pid int, dirs []string, memoryLimitMiB int) error {
+func joinCgroups(pid int, dirs []string, memoryLimitMiB int, cpuShares int64) error {
 	var errs []error
 	for _, dir := range dirs {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -59,10 +59,27 @@ func joinCgroups(pid int, dirs []string, memoryLimitMiB int) error {
 				}
 			}
 		}
+		if cpuShares > 0 {
+			for f, v := range map[string]int64{"cpu.shares": cpuShares, "cpu.weight": sharesToWeight(cpuShares)} {
+				p := filepath.Join(dir, f)
+				if _, err := os.Stat(p); err == nil {
+					if err := os.WriteFile(p, []byte(strconv.FormatInt(v, 10)), 0o644); err != nil {
+						errs = append(errs, fmt.Errorf("set %s: %w", p, err))
+					}
+				}
+			}
+		}
 		p := filepath.Join(dir, "cgroup.procs")
 		if err := os.WriteFile(p, []byte(strconv.Itoa(pid)), 0o644); err != nil {
 			errs = append(errs, fmt.Errorf("join %s: %w", p, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// sharesToWeight converts cgroup v1 cpu.shares [2, 262144] to v2 cpu.weight [1, 10000], the
+// way runc and systemd do.
+func sharesToWeight(shares int64) int64 {
+	shares = min(max(shares, 2), 262144)
+	return 1 + ((shares-2)*9999)/262142
 }

@@ -87,7 +87,7 @@ func Start(ctx context.Context, spec Spec) (*Machine, error) {
 		close(m.done)
 	}()
 
-	if err := joinCgroups(m.pid, spec.CgroupDirs, spec.CgroupMemoryLimitMiB); err != nil {
+	if err := joinCgroups(m.pid, spec.CgroupDirs, spec.CgroupMemoryLimitMiB, spec.CgroupCPUShares); err != nil {
 		_ = m.Kill()
 		return nil, fmt.Errorf("place vm in cgroup: %w", err)
 	}

@@ -92,6 +92,9 @@ type Spec struct {
 	CgroupDirs []string
 	// CgroupMemoryLimitMiB caps QEMU's memory in those cgroups (guest RAM plus QEMU itself).
 	CgroupMemoryLimitMiB int
+	// CgroupCPUShares is the VM's relative CPU weight (cgroup v1 cpu.shares; converted to
+	// cpu.weight on v2), as Nomad gives it for the task's cpu MHz.
+	CgroupCPUShares int64
 
 	// ExtraArgs are appended verbatim; the caller has checked them against its allow-list.
 	ExtraArgs []string
