@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -27,7 +28,7 @@ import (
 type backend struct {
 	name string
 	// hv is shared by every driver instance of a test, as VMs outlive drivers.
-	newHV func() Hypervisor
+	newHV func(t *testing.T) Hypervisor
 	probe func(context.Context, *Config) hostInfo
 	// timeout bounds one scenario's waits: real VMs boot in seconds under TCG.
 	timeout time.Duration
@@ -36,7 +37,7 @@ type backend struct {
 func fakeBackend() backend {
 	return backend{
 		name:  "fake",
-		newHV: func() Hypervisor { return newFakeHypervisor() },
+		newHV: func(t *testing.T) Hypervisor { return newFakeHypervisor(t) },
 		probe: func(context.Context, *Config) hostInfo {
 			return hostInfo{probe: probeDone, accel: vm.AccelTCG, qemuVersion: "fake", kernel: "/fake/vmlinuz", initrd: "/fake/initrd"}
 		},
@@ -60,7 +61,7 @@ func qemuBackend(t *testing.T) backend {
 	}
 	return backend{
 		name:  "qemu",
-		newHV: func() Hypervisor { return qemuHypervisor{} },
+		newHV: func(t *testing.T) Hypervisor { return newReapingHypervisor(t, qemuHypervisor{}) },
 		probe: func(ctx context.Context, c *Config) hostInfo {
 			// The accelerator probe has its own test; here TCG runs everywhere.
 			v, _ := vm.QEMUVersion(ctx, c.QEMUBinary)
@@ -68,6 +69,43 @@ func qemuBackend(t *testing.T) backend {
 		},
 		timeout: 90 * time.Second,
 	}
+}
+
+// reapingHypervisor kills every VM it launched or attached when the test ends, so a failed
+// test leaves no QEMU behind.
+type reapingHypervisor struct {
+	Hypervisor
+	mu       sync.Mutex
+	machines []Machine
+}
+
+func newReapingHypervisor(t *testing.T, hv Hypervisor) *reapingHypervisor {
+	r := &reapingHypervisor{Hypervisor: hv}
+	t.Cleanup(func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for _, m := range r.machines {
+			_ = m.Kill()
+		}
+	})
+	return r
+}
+
+func (r *reapingHypervisor) keep(m Machine, err error) (Machine, error) {
+	if err == nil {
+		r.mu.Lock()
+		r.machines = append(r.machines, m)
+		r.mu.Unlock()
+	}
+	return m, err
+}
+
+func (r *reapingHypervisor) Launch(ctx context.Context, spec vm.Spec) (Machine, error) {
+	return r.keep(r.Hypervisor.Launch(ctx, spec))
+}
+
+func (r *reapingHypervisor) Attach(ctx context.Context, spec vm.Spec, pid int) (Machine, error) {
+	return r.keep(r.Hypervisor.Attach(ctx, spec, pid))
 }
 
 // backends returns the fake and, where the machine has QEMU and the guest kit, real QEMU.
@@ -181,7 +219,7 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 func TestDriver_CommandLifecycle(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b backend) {
 		t.Run("exit code and logs", func(t *testing.T) {
-			h, _ := newHarness(t, b, b.newHV(), nil)
+			h, _ := newHarness(t, b, b.newHV(t), nil)
 			task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `echo out-$DESKVM_TEST; echo err-line >&2; exit 3`}})
 			handle, logs := start(t, h, task)
 			res := waitExit(t, h, handle.Config.ID, b.timeout)
@@ -196,7 +234,7 @@ func TestDriver_CommandLifecycle(t *testing.T) {
 		})
 
 		t.Run("script from the task dir", func(t *testing.T) {
-			h, _ := newHarness(t, b, b.newHV(), nil)
+			h, _ := newHarness(t, b, b.newHV(t), nil)
 			task := newTask(t, TaskConfig{Command: "/local/run.sh", Args: []string{"7"}})
 			cleanup := h.MkAllocDir(task, true)
 			t.Cleanup(cleanup)
@@ -213,7 +251,7 @@ func TestDriver_CommandLifecycle(t *testing.T) {
 		})
 
 		t.Run("command not found", func(t *testing.T) {
-			h, _ := newHarness(t, b, b.newHV(), nil)
+			h, _ := newHarness(t, b, b.newHV(t), nil)
 			task := newTask(t, TaskConfig{Command: "/no/such/command"})
 			handle, _ := start(t, h, task)
 			res := waitExit(t, h, handle.Config.ID, b.timeout)
@@ -221,7 +259,7 @@ func TestDriver_CommandLifecycle(t *testing.T) {
 		})
 
 		t.Run("stop sends SIGTERM to the guest command", func(t *testing.T) {
-			h, _ := newHarness(t, b, b.newHV(), nil)
+			h, _ := newHarness(t, b, b.newHV(t), nil)
 			task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done`}})
 			handle, logs := start(t, h, task)
 			waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
@@ -232,7 +270,7 @@ func TestDriver_CommandLifecycle(t *testing.T) {
 		})
 
 		t.Run("stop kills after the timeout", func(t *testing.T) {
-			h, _ := newHarness(t, b, b.newHV(), nil)
+			h, _ := newHarness(t, b, b.newHV(t), nil)
 			task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `trap '' TERM; echo ready; while :; do sleep 0.1; done`}})
 			handle, logs := start(t, h, task)
 			waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
@@ -242,7 +280,7 @@ func TestDriver_CommandLifecycle(t *testing.T) {
 		})
 
 		t.Run("signal and exec", func(t *testing.T) {
-			h, _ := newHarness(t, b, b.newHV(), nil)
+			h, _ := newHarness(t, b, b.newHV(t), nil)
 			task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `trap 'echo got-usr1' USR1; echo ready; while :; do sleep 0.1; done`}})
 			handle, logs := start(t, h, task)
 			waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
@@ -261,7 +299,7 @@ func TestDriver_CommandLifecycle(t *testing.T) {
 // and again after the command ended while no driver was there to see it.
 func TestDriver_Recover(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b backend) {
-		hv := b.newHV()
+		hv := b.newHV(t)
 		cfg := testPluginConfig(t)
 		h1, d1 := newHarness(t, b, hv, cfg)
 		task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", `echo before; while [ ! -e /local/go ] && [ ! -e "$GO_FILE" ]; do sleep 0.1; done; echo after; exit 4`}})
@@ -294,7 +332,7 @@ func TestDriver_Recover(t *testing.T) {
 
 func TestDriver_RecoverGoneVM(t *testing.T) {
 	b := fakeBackend()
-	hv := newFakeHypervisor()
+	hv := newFakeHypervisor(t)
 	h, _ := newHarness(t, b, hv, nil)
 	task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", "sleep 30"}})
 	handle, _ := start(t, h, task)
@@ -309,7 +347,7 @@ func TestDriver_RecoverGoneVM(t *testing.T) {
 func TestDriver_BootFailureFailsStart(t *testing.T) {
 	t.Run("fake", func(t *testing.T) {
 		b := fakeBackend()
-		hv := newFakeHypervisor()
+		hv := newFakeHypervisor(t)
 		hv.bootFailure = "guest kernel panic: Kernel panic - not syncing: VFS: Unable to mount root fs"
 		h, _ := newHarness(t, b, hv, nil)
 		task := newTask(t, TaskConfig{Command: "/bin/true"})
@@ -328,7 +366,7 @@ func TestDriver_BootFailureFailsStart(t *testing.T) {
 			info.initrd = bad
 			return info
 		}
-		h, _ := newHarness(t, b, b.newHV(), nil)
+		h, _ := newHarness(t, b, b.newHV(t), nil)
 		task := newTask(t, TaskConfig{Command: "/bin/true"})
 		t.Cleanup(h.MkAllocDir(task, false))
 		start := time.Now()
@@ -340,7 +378,7 @@ func TestDriver_BootFailureFailsStart(t *testing.T) {
 
 func TestDriver_Fingerprint(t *testing.T) {
 	b := fakeBackend()
-	h, _ := newHarness(t, b, b.newHV(), nil)
+	h, _ := newHarness(t, b, b.newHV(t), nil)
 	ch, err := h.Fingerprint(t.Context())
 	must.NoError(t, err)
 	var fp *drivers.Fingerprint
@@ -361,7 +399,7 @@ func TestDriver_Fingerprint(t *testing.T) {
 
 func TestDriver_TaskStats(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b backend) {
-		h, _ := newHarness(t, b, b.newHV(), nil)
+		h, _ := newHarness(t, b, b.newHV(t), nil)
 		task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", "echo ready; while :; do :; done"}})
 		handle, logs := start(t, h, task)
 		waitFor(t, b.timeout, "the command to be ready", func() bool { o, _ := logs(); return strings.Contains(o, "ready") })
@@ -392,7 +430,7 @@ func TestDriver_ImageMode(t *testing.T) {
 	before, err := os.ReadFile(image)
 	must.NoError(t, err)
 	t.Run("user data runs and the guest powers off", func(t *testing.T) {
-		h, _ := newHarness(t, b, b.newHV(), nil)
+		h, _ := newHarness(t, b, b.newHV(t), nil)
 		task := newTask(t, TaskConfig{Image: image, UserData: "#!/bin/sh\necho image-marker-$((6*7))\n"})
 		handle, logs := start(t, h, task)
 		res := waitExit(t, h, handle.Config.ID, 3*b.timeout)
@@ -403,7 +441,7 @@ func TestDriver_ImageMode(t *testing.T) {
 	t.Run("stop kills a guest that ignores the power button", func(t *testing.T) {
 		// The test image has no ACPI daemon, so the power-down request goes unheard and stop
 		// must kill the VM after kill_timeout; a full OS would shut down cleanly instead.
-		h, _ := newHarness(t, b, b.newHV(), nil)
+		h, _ := newHarness(t, b, b.newHV(t), nil)
 		task := newTask(t, TaskConfig{Image: image, UserData: "#!/bin/sh\necho waiting; sleep 600\n"})
 		handle, logs := start(t, h, task)
 		waitFor(t, 3*b.timeout, "the user data to run", func() bool { o, _ := logs(); return strings.Contains(o, "waiting") })
@@ -421,7 +459,7 @@ func TestDriver_ImageMode(t *testing.T) {
 // cause, never hang.
 func TestDriver_QEMUCrashFailsTask(t *testing.T) {
 	b := qemuBackend(t)
-	h, d := newHarness(t, b, b.newHV(), nil)
+	h, d := newHarness(t, b, b.newHV(t), nil)
 	events, err := d.TaskEvents(t.Context())
 	must.NoError(t, err)
 	task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", "echo ready; sleep 600"}})

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/deskcloud/deskcloud/driver/guestctl"
@@ -28,8 +29,18 @@ type fakeHypervisor struct {
 	bootFailure string
 }
 
-func newFakeHypervisor() *fakeHypervisor {
-	return &fakeHypervisor{machines: map[string]*fakeMachine{}}
+// newFakeHypervisor returns a fake whose host processes are all killed when the test ends,
+// whether it passed or not.
+func newFakeHypervisor(t *testing.T) *fakeHypervisor {
+	f := &fakeHypervisor{machines: map[string]*fakeMachine{}}
+	t.Cleanup(func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		for _, m := range f.machines {
+			_ = m.Kill()
+		}
+	})
+	return f
 }
 
 func (f *fakeHypervisor) Launch(ctx context.Context, spec vm.Spec) (Machine, error) {

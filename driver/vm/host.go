@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -48,6 +49,9 @@ func ProbeAccelerator(ctx context.Context, binary, kernel, initrd string, accel 
 		"-kernel", kernel, "-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 quiet deskvm.mode=probe",
 		"-serial", "file:"+filepath.Join(dir, "console.log"))
+	// A probe guest must not outlive a plugin killed mid-probe: a hung KVM guest would spin
+	// forever. (Task VMs are the opposite: they are started to outlive the plugin.)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()
 	if ctx.Err() != nil {
 		return fmt.Errorf("probe %s: guest did not power off within %s", accel, timeout)
