@@ -37,6 +37,9 @@ type Options struct {
 	SerfPort   int
 	LogLevel   string
 	NomadBin   string
+	// StopWithParent stops the agent (SIGINT) when the process that started it dies, even by
+	// a panic that skips cleanup: for tests. make dev leaves it unset so the agent outlives it.
+	StopWithParent bool
 }
 
 // Agent is a running Nomad agent.
@@ -170,6 +173,9 @@ func Start(o Options) (*Agent, error) {
 	cmd := exec.Command(o.NomadBin, "agent", "-config", o.ConfigPath())
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if o.StopWithParent {
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGINT
+	}
 	// The cloud fingerprinters are denied in the config; unsetting this too keeps older
 	// Nomads from failing at start.
 	cmd.Env = withoutEnv(os.Environ(), "AWS_CA_BUNDLE")

@@ -66,7 +66,7 @@ func agent(t *testing.T) *cluster.Agent {
 			agentErr = err
 			return
 		}
-		o, err := cluster.Defaults(cluster.Options{Name: "deskcloud-e2e", Dir: dir, StateDir: state})
+		o, err := cluster.Defaults(cluster.Options{Name: "deskcloud-e2e", Dir: dir, StateDir: state, StopWithParent: true})
 		if err != nil {
 			agentErr = err
 			return

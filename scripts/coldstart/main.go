@@ -74,7 +74,7 @@ func run(runs int) error {
 		return err
 	}
 	defer os.RemoveAll(state)
-	o, err := cluster.Defaults(cluster.Options{Name: "deskcloud-bench", Dir: dir, StateDir: state, LogLevel: "INFO"})
+	o, err := cluster.Defaults(cluster.Options{Name: "deskcloud-bench", Dir: dir, StateDir: state, LogLevel: "INFO", StopWithParent: true})
 	if err != nil {
 		return err
 	}
