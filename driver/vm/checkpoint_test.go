@@ -292,7 +292,7 @@ func TestRelease(t *testing.T) {
 
 // imageScript is user-data for the kit's test image: it writes a marker to the end of the
 // boot disk and syncs it, counts, then reads the marker back from the disk, past the page
-// cache.
+// cache, and writes another.
 const imageScript = `#!/bin/sh
 d=vda
 [ "$(cat /sys/block/vdb/size)" -gt "$(cat /sys/block/vda/size)" ] && d=vdb
@@ -301,6 +301,7 @@ echo disk-marker-before | dd of=/dev/$d bs=512 seek=$s conv=fsync 2>/dev/null
 i=0; while [ $i -lt 60 ]; do echo count $i; i=$((i+1)); sleep 0.1; done
 echo 3 > /proc/sys/vm/drop_caches
 echo read-back $(dd if=/dev/$d bs=512 skip=$s count=1 2>/dev/null | head -c 18)
+echo disk-marker-after | dd of=/dev/$d bs=512 seek=$((s + 1)) conv=fsync 2>/dev/null
 exit 4
 `
 

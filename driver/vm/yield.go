@@ -17,16 +17,19 @@ import (
 // idle scheduling class and the CPU cap through the kernel, the balloon and the pause
 // through QMP. They decide nothing; internal/yield does.
 
-// CPUCapPeriod is the CFS bandwidth period of the CPU cap. 100 ms is the kernel's default;
-// shorter periods throttle in shorter slices but cost more scheduler work, and measurements
-// (driver/vm/bench_test.go, "cap reaction") show no faster reaction from a shorter one, as
-// the cap bites from the period in which it is written.
+// CPUCapPeriod is the CFS bandwidth period of the CPU cap: the kernel's default. A new cap
+// takes hold within about one period (BenchmarkYieldCPU/cap-reaction, p50 of two runs: first
+// throttle after 58-100 ms, held within the cap by 114-116 ms; with a 20 ms period after
+// 11-18 ms and 25-27 ms). The
+// shorter period is not worth five times the throttling events: the yield decisions that
+// set the cap move over seconds (load_window), and 1% steps of one vCPU stay above the
+// kernel's 1 ms minimum quota only with a period of 100 ms.
 const CPUCapPeriod = 100 * time.Millisecond
 
 // minCPUQuota is the smallest quota the kernel accepts for a CFS period.
 const minCPUQuota = time.Millisecond
 
-// maxThreadPasses bounds how often SetIdleClass and SetNice walk a process's threads while
+// maxThreadPasses bounds how often forEachThread walks a process's threads while
 // new ones keep appearing.
 const maxThreadPasses = 8
 
@@ -38,8 +41,8 @@ const maxThreadPasses = 8
 // The class orders threads within their cgroup only. A QEMU in a cgroup of its own (as
 // Nomad places every task) competes with the owner's cgroups at its cgroup's full weight,
 // whatever its threads' class: SetCgroupIdle on that cgroup is what makes the owner's
-// threads run first (measured in the bench: 1.28x owner slowdown with SetIdleClass alone,
-// 0.97x with both).
+// threads run first (BenchmarkYieldCPU/owner-slowdown: 1.3x owner slowdown with
+// SetIdleClass alone, as with nice 19 or no change at all; 0.98x with both).
 //
 // An idle VM gets no CPU at all while the host is busy, so apply the idle class once the
 // guest has booted (its agent answers): a guest kernel starved while it boots can fail its
@@ -129,8 +132,9 @@ func forEachThread(pid int, fn func(tid int) error) error {
 
 // SetCgroupIdle marks the cgroup dir idle (cpu.idle = 1): the group as a whole then competes
 // for CPU like a SCHED_IDLE thread against its siblings, which is what makes an idle-class
-// VM in its own cgroup yield to the owner (see SetIdleClass). It needs a kernel of 5.15 or later
-// and the cpu controller on dir (cgroup v2, or a v1 cpu hierarchy on newer kernels).
+// VM in its own cgroup yield to the owner (see SetIdleClass). dir must have the cpu
+// controller (see CPUDir); the file exists from Linux 5.15, on cgroup v2 and on the v1 cpu
+// hierarchy alike.
 func SetCgroupIdle(dir string) error {
 	p := filepath.Join(dir, "cpu.idle")
 	if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
@@ -263,6 +267,17 @@ func CPUUsage(dirs []string) (time.Duration, error) {
 		}
 	}
 	return 0, fmt.Errorf("read cpu usage: no cgroup with cpu accounting among %q", dirs)
+}
+
+// CPUDir returns the first dir in dirs with the cpu controller: the one to give SetCgroupIdle
+// among a task's cgroup dirs (on cgroup v1 also cpuset, memory, freezer...).
+func CPUDir(dirs []string) (string, error) {
+	for _, d := range dirs {
+		if cpuFiles(d) != cpuNone {
+			return d, nil
+		}
+	}
+	return "", fmt.Errorf("no cgroup with the cpu controller among %q", dirs)
 }
 
 type cpuController int

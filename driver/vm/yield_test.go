@@ -284,6 +284,29 @@ func TestCPUUsageFiles(t *testing.T) {
 	must.ErrorContains(t, err, "no cgroup with cpu accounting")
 }
 
+func TestCPUDir(t *testing.T) {
+	v1, v2, other := fakeCgroup(t, 1), fakeCgroup(t, 2), t.TempDir()
+	for _, tc := range []struct {
+		name string
+		dirs []string
+		want string
+	}{
+		{name: "v1 after cpuset", dirs: []string{other, v1}, want: v1},
+		{name: "v2", dirs: []string{v2}, want: v2},
+		{name: "none", dirs: []string{other}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := CPUDir(tc.dirs)
+			if tc.want == "" {
+				must.ErrorContains(t, err, "no cgroup with the cpu controller")
+				return
+			}
+			must.NoError(t, err)
+			must.Eq(t, tc.want, got)
+		})
+	}
+}
+
 func TestSetCgroupIdleFiles(t *testing.T) {
 	dir := fakeCgroup(t, 2)
 	idle, err := CgroupIdle(dir)
