@@ -13,5 +13,5 @@ go run ./scripts/coldstart -runs "${BENCH_RUNS:-5}"
 echo "==> yield layers on a real VM: owner slowdown, CPU cap and balloon reaction, harvest, checkpoint"
 go test -run '^$' -bench . -benchtime 1x -timeout 20m ./driver/vm/
 
-echo "==> owner sensing and yield decisions (Go benchmarks)"
-go test -run '^$' -bench . -benchmem -count 1 ./internal/owner/ ./internal/yield/
+echo "==> owner sensing, yield decisions and forecasts (Go benchmarks)"
+go test -run '^$' -bench . -benchmem -count 1 ./internal/owner/ ./internal/yield/ ./predictor/...
