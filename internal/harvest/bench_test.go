@@ -1,0 +1,70 @@
+package harvest
+
+import (
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/deskcloud/deskcloud/predictor/trace"
+	"github.com/deskcloud/deskcloud/predictor/trace/tracetest"
+)
+
+// BenchmarkSimulateSynthetic simulates 10,000 synthetic desktops for four weeks, one
+// simulation per iteration.
+func BenchmarkSimulateSynthetic(b *testing.B) {
+	desktops := fleet(10000, 4)
+	for _, p := range policies() {
+		b.Run(p.Name(), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := Simulate(b.Context(), p, desktops, Options{}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkSimulateLibraryYear simulates every desktop of the library trace over its test
+// year, 2015-11 to 2016-11, after 12 weeks of warm-up; it is skipped when the trace is not
+// beside the repository. Reading the trace is not timed.
+func BenchmarkSimulateLibraryYear(b *testing.B) {
+	dir := tracetest.LibraryLogons(b)
+	from := time.Date(2015, 11, 1, 0, 0, 0, 0, time.UTC)
+	to := from.AddDate(1, 0, 0)
+	r, err := trace.Open([]string{dir}, trace.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	index := map[string]int{}
+	var desktops [][]Event
+	for {
+		rec, err := r.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		if rec.Time.Before(from.AddDate(0, 0, -84)) || !rec.Time.Before(to) {
+			continue
+		}
+		i, ok := index[rec.Node]
+		if !ok {
+			i = len(desktops)
+			index[rec.Node] = i
+			desktops = append(desktops, nil)
+		}
+		desktops[i] = append(desktops[i], Event{Time: rec.Time, State: rec.State})
+	}
+	for _, p := range policies() {
+		b.Run(p.Name(), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := Simulate(b.Context(), p, desktops, Options{From: from, To: to}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,404 @@
+package harvest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/deskcloud/deskcloud/predictor"
+)
+
+// Event is one state change of a desktop.
+type Event struct {
+	Time  time.Time
+	State predictor.State
+}
+
+// Options tune a simulation. The zero value means the defaults.
+type Options struct {
+	// From and To bound the simulated period, [From, To); zero is open. Events before From
+	// only warm up the desktops' models.
+	From, To time.Time
+	// Tick is the cadence of decisions between events (default a minute).
+	Tick time.Duration
+	// ForecastEvery is how often a policy that needs a forecast gets a fresh one, and so
+	// decides, while nothing happens on a vacant or running desktop (default
+	// predictor.SampleEvery, the models' own cadence). Events are decided on at once.
+	ForecastEvery time.Duration
+	// CheckpointEvery is how often a running VM checkpoints, for the work lost with
+	// checkpointing (default 30 minutes).
+	CheckpointEvery time.Duration
+	// DrainTime is how long a drain holds the desktop while the checkpoint is written
+	// (default a minute).
+	DrainTime time.Duration
+	// JobLength is the length of the jobs a VM runs back to back, for the work lost
+	// without checkpointing: a stop loses the job in progress (default an hour).
+	JobLength time.Duration
+	// Pool is the prior of the desktops' models, for policies that need a forecast;
+	// nil means an untrained predictor.NewPool.
+	Pool *predictor.Pool
+	// Frozen stops the desktops' models from learning; by default they learn from their
+	// own desktop as they go, as they would on their nodes.
+	Frozen bool
+	// Workers bounds the goroutines simulating desktops (default 2). Reports do not
+	// depend on it.
+	Workers int
+}
+
+func (o Options) withDefaults() Options {
+	if o.Tick <= 0 {
+		o.Tick = time.Minute
+	}
+	if o.ForecastEvery <= 0 {
+		o.ForecastEvery = predictor.SampleEvery
+	}
+	if o.CheckpointEvery <= 0 {
+		o.CheckpointEvery = 30 * time.Minute
+	}
+	if o.DrainTime <= 0 {
+		o.DrainTime = time.Minute
+	}
+	if o.JobLength <= 0 {
+		o.JobLength = time.Hour
+	}
+	if o.Pool == nil {
+		o.Pool = predictor.NewPool()
+	}
+	if o.Workers <= 0 {
+		o.Workers = 2
+	}
+	return o
+}
+
+// Report sums what a policy did over a set of desktops.
+type Report struct {
+	Policy   string `json:"policy"`
+	Desktops int    `json:"desktops"`
+	// DesktopHours is the simulated time summed over desktops; AwayHours the part with the
+	// owner away, HarvestableHours the part with the desktop also up.
+	DesktopHours     float64 `json:"desktop_hours"`
+	AwayHours        float64 `json:"away_hours"`
+	HarvestableHours float64 `json:"harvestable_hours"`
+	// MachineHours is the time VMs ran: the harvest.
+	MachineHours float64 `json:"machine_hours"`
+	// Arrivals counts owners coming back (an in-use period starting), each once;
+	// Collisions those that found a VM holding the desktop (running, draining or
+	// suspended).
+	Arrivals   int64 `json:"arrivals"`
+	Collisions int64 `json:"collisions"`
+	Starts     int64 `json:"starts"`
+	Suspends   int64 `json:"suspends"`
+	Drains     int64 `json:"drains"`
+	// Preemptions counts VMs evicted by the policy; PowerOffs VMs lost because the desktop
+	// went off under them.
+	Preemptions int64 `json:"preemptions"`
+	PowerOffs   int64 `json:"power_offs"`
+	// LostHours is the work lost when VMs checkpoint every CheckpointEvery and on drain: an
+	// eviction or power-off loses what ran since the last checkpoint. LostHoursNoCheckpoint
+	// is the work lost when they cannot checkpoint: every stop, drains included, loses the
+	// job of JobLength in progress.
+	LostHours             float64 `json:"lost_hours"`
+	LostHoursNoCheckpoint float64 `json:"lost_hours_no_checkpoint"`
+}
+
+// CollisionRate is Collisions over Arrivals.
+func (r Report) CollisionRate() float64 {
+	if r.Arrivals == 0 {
+		return 0
+	}
+	return float64(r.Collisions) / float64(r.Arrivals)
+}
+
+// add sums o into r.
+func (r *Report) add(o Report) {
+	r.Desktops += o.Desktops
+	r.DesktopHours += o.DesktopHours
+	r.AwayHours += o.AwayHours
+	r.HarvestableHours += o.HarvestableHours
+	r.MachineHours += o.MachineHours
+	r.Arrivals += o.Arrivals
+	r.Collisions += o.Collisions
+	r.Starts += o.Starts
+	r.Suspends += o.Suspends
+	r.Drains += o.Drains
+	r.Preemptions += o.Preemptions
+	r.PowerOffs += o.PowerOffs
+	r.LostHours += o.LostHours
+	r.LostHoursNoCheckpoint += o.LostHoursNoCheckpoint
+}
+
+// Simulate replays every desktop's events through the policy and sums the reports. Each
+// desktop is simulated on its own, in parallel; the sum is taken in the order given, so the
+// result does not depend on the scheduling.
+func Simulate(ctx context.Context, p Policy, desktops [][]Event, opt Options) (Report, error) {
+	opt = opt.withDefaults()
+	reports := make([]Report, len(desktops))
+	errs := make([]error, opt.Workers)
+	var wg sync.WaitGroup
+	var next int
+	var mu sync.Mutex
+	for w := range opt.Workers {
+		wg.Go(func() {
+			for {
+				mu.Lock()
+				i := next
+				next++
+				mu.Unlock()
+				if i >= len(desktops) || ctx.Err() != nil {
+					return
+				}
+				r, err := simulateDesktop(p, desktops[i], opt)
+				if err != nil {
+					errs[w] = fmt.Errorf("desktop %d: %w", i, err)
+					return
+				}
+				reports[i] = r
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(append(errs, ctx.Err())...); err != nil {
+		return Report{}, err
+	}
+	total := Report{Policy: p.Name()}
+	for _, r := range reports {
+		total.add(r)
+	}
+	return total, nil
+}
+
+// desktopSim is one desktop's simulation.
+type desktopSim struct {
+	p     Policy
+	opt   Options
+	model *predictor.Model
+	rep   Report
+
+	state         predictor.State // the owner's, from the trace
+	seen          bool
+	firstSeen     time.Time
+	lastActiveEnd time.Time
+	hasActive     bool
+
+	phase      Phase
+	phaseSince time.Time
+	work       time.Duration // running time since the VM started
+	sinceCkpt  time.Duration // running time since its last checkpoint
+
+	clock      time.Time // accounted up to here
+	forecast   predictor.Forecast
+	forecastAt time.Time // when forecast was made; zero for none
+}
+
+func simulateDesktop(p Policy, evs []Event, opt Options) (Report, error) {
+	d := &desktopSim{p: p, opt: opt, rep: Report{Policy: p.Name(), Desktops: 1}}
+	if p.NeedsForecast() {
+		learn := predictor.LearnDesktop
+		if opt.Frozen {
+			learn = predictor.LearnNone
+		}
+		d.model = predictor.NewModel(opt.Pool, learn)
+	}
+	for i, e := range evs {
+		if i > 0 && e.Time.Before(evs[i-1].Time) {
+			return Report{}, fmt.Errorf("events out of order at %s", e.Time.Format(time.RFC3339))
+		}
+		if d.seen {
+			if err := d.run(e.Time); err != nil {
+				return Report{}, err
+			}
+		}
+		if err := d.event(e); err != nil {
+			return Report{}, err
+		}
+	}
+	// A desktop's simulation ends at its last event: after it, its trace tells nothing.
+	return d.rep, nil
+}
+
+func (d *desktopSim) inPeriod(t time.Time) bool {
+	return !t.Before(d.opt.From) && (d.opt.To.IsZero() || t.Before(d.opt.To))
+}
+
+// run decides at every tick from the clock up to (not including) t.
+func (d *desktopSim) run(t time.Time) error {
+	tick := d.opt.Tick
+	for at := d.clock.Truncate(tick).Add(tick); at.Before(t); at = at.Add(tick) {
+		d.account(at)
+		if err := d.tickDecide(at); err != nil {
+			return err
+		}
+	}
+	d.account(t)
+	return nil
+}
+
+// account moves the clock to t, counting what happened in between.
+func (d *desktopSim) account(t time.Time) {
+	if !t.After(d.clock) {
+		return
+	}
+	from := d.clock
+	if from.Before(d.opt.From) {
+		from = d.opt.From
+	}
+	to := t
+	if !d.opt.To.IsZero() && to.After(d.opt.To) {
+		to = d.opt.To
+	}
+	if to.After(from) {
+		dt := to.Sub(from)
+		h := dt.Hours()
+		d.rep.DesktopHours += h
+		if d.state.OwnerAway() {
+			d.rep.AwayHours += h
+		}
+		if d.state.Harvestable() {
+			d.rep.HarvestableHours += h
+		}
+		if d.phase == Running {
+			d.rep.MachineHours += h
+			d.work += dt
+			d.sinceCkpt = (d.sinceCkpt + dt) % d.opt.CheckpointEvery
+		}
+	}
+	d.clock = t
+	if d.phase == Draining && !t.Before(d.phaseSince.Add(d.opt.DrainTime)) {
+		// The checkpoint is written: nothing is lost, unless VMs cannot checkpoint.
+		d.stop(0)
+	}
+}
+
+// event applies one state change of the desktop, then lets the policy react.
+func (d *desktopSim) event(e Event) error {
+	if d.model != nil {
+		if err := d.model.Observe(e.Time, e.State); err != nil {
+			return err
+		}
+		d.forecastAt = time.Time{}
+	}
+	prev := d.state
+	if !d.seen {
+		d.seen, d.state, d.clock, d.firstSeen = true, e.State, e.Time, e.Time
+		return nil
+	}
+	d.state = e.State
+	in := d.inPeriod(e.Time)
+	switch {
+	case e.State == predictor.InUse && prev.OwnerAway():
+		if in {
+			d.rep.Arrivals++
+			if d.phase.Holds() {
+				d.rep.Collisions++
+			}
+		}
+	case prev == predictor.InUse && e.State != predictor.InUse:
+		d.lastActiveEnd, d.hasActive = e.Time, true
+	}
+	if e.State == predictor.Offline && d.phase.Holds() {
+		// The desktop went off under the VM.
+		if in {
+			d.rep.PowerOffs++
+		}
+		d.stop(d.sinceCkpt)
+	}
+	return d.decide(e.Time)
+}
+
+// decide asks the policy at time at and carries out its answer.
+func (d *desktopSim) decide(at time.Time) error {
+	return d.decideAt(at, true)
+}
+
+// tickDecide is decide at a tick rather than an event: a policy that needs a forecast is
+// asked only on multiples of ForecastEvery on the clock, when its desktop's model has just
+// taken its own sample (so the forecast comes cheap), unless the VM is suspended.
+func (d *desktopSim) tickDecide(at time.Time) error {
+	return d.decideAt(at, d.model == nil || d.phase == Suspended || at.Truncate(d.opt.ForecastEvery).Equal(at))
+}
+
+func (d *desktopSim) decideAt(at time.Time, due bool) error {
+	if !due || !d.inPeriod(at) || d.phase == Draining {
+		return nil
+	}
+	s := Situation{
+		Now: at, Phase: d.phase, PhaseSince: d.phaseSince,
+		Harvestable: d.state.Harvestable(), OwnerPresent: d.state == predictor.InUse,
+	}
+	if d.state.OwnerAway() {
+		if d.hasActive {
+			s.OwnerIdle = at.Sub(d.lastActiveEnd)
+		} else {
+			s.OwnerIdle = at.Sub(d.firstSeen) // never seen active: idle since first seen
+		}
+	}
+	if d.model != nil && s.Harvestable && (d.phase == Vacant || d.phase == Running) {
+		if err := d.refreshForecast(at); err != nil {
+			return err
+		}
+		s.Forecast = d.forecast
+	}
+	switch a := d.p.Decide(s); a {
+	case Start:
+		if d.phase == Vacant && s.Harvestable {
+			d.setPhase(Running, at)
+			d.rep.Starts++
+		}
+	case Suspend:
+		if d.phase == Running {
+			d.setPhase(Suspended, at)
+			d.rep.Suspends++
+		}
+	case Resume:
+		if d.phase == Suspended && s.Harvestable {
+			d.setPhase(Running, at)
+		}
+	case Drain:
+		if d.phase == Running {
+			d.setPhase(Draining, at)
+			d.rep.Drains++
+		}
+	case Evict:
+		if d.phase.Holds() {
+			d.rep.Preemptions++
+			d.stop(d.sinceCkpt)
+		}
+	case Hold:
+	default:
+		return fmt.Errorf("policy %s asked for unknown action %d", d.p.Name(), a)
+	}
+	return nil
+}
+
+// refreshForecast renews the forecast unless it was made at this very time.
+func (d *desktopSim) refreshForecast(at time.Time) error {
+	if d.forecastAt.Equal(at) {
+		return nil
+	}
+	f, err := d.model.ForecastProbabilities(at)
+	if err != nil {
+		return err
+	}
+	d.forecast, d.forecastAt = f, at
+	return nil
+}
+
+func (d *desktopSim) setPhase(p Phase, at time.Time) {
+	if p == Running && d.phase == Vacant {
+		d.work, d.sinceCkpt = 0, 0
+	}
+	d.phase, d.phaseSince = p, at
+}
+
+// stop ends the VM, losing lost of its work if it checkpoints, and the job in progress if
+// it cannot.
+func (d *desktopSim) stop(lost time.Duration) {
+	if d.inPeriod(d.clock) {
+		d.rep.LostHours += lost.Hours()
+		d.rep.LostHoursNoCheckpoint += (d.work % d.opt.JobLength).Hours()
+	}
+	d.phase, d.phaseSince = Vacant, d.clock
+	d.work, d.sinceCkpt = 0, 0
+}
