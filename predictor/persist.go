@@ -8,7 +8,8 @@ import (
 	"hash/crc32"
 	"io/fs"
 	"os"
-	"path/filepath"
+
+	"github.com/deskcloud/deskcloud/internal/atomicfile"
 )
 
 // On-disk framing of a model or pool file:
@@ -118,37 +119,8 @@ func writeFramed(path string, magic [4]byte, payload []byte) error {
 	frame = append(frame, payload...)
 	frame = binary.LittleEndian.AppendUint32(frame, crc32.Checksum(frame, castagnoli))
 
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write state %s: %w", path, err)
-	}
-	cleanup := func(err error) error {
-		_ = tmp.Close()
-		_ = os.Remove(tmp.Name())
-		return fmt.Errorf("write state %s: %w", path, err)
-	}
-	if _, err := tmp.Write(frame); err != nil {
-		return cleanup(err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return cleanup(err)
-	}
-	if err := tmp.Close(); err != nil {
-		return cleanup(err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		_ = os.Remove(tmp.Name())
-		return fmt.Errorf("write state %s: %w", path, err)
-	}
-	// The rename is durable only once the directory entry is.
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync state directory %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync state directory %s: %w", dir, err)
+	if err := atomicfile.WriteFile(path, frame, 0o600); err != nil {
+		return fmt.Errorf("write state: %w", err)
 	}
 	return nil
 }

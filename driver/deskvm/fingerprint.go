@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/deskcloud/deskcloud/internal/atomicfile"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
 )
@@ -163,11 +164,7 @@ func saveProbeCache(dir, key string, accel vm.Accelerator) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, probeCacheFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(dir, probeCacheFile))
+	return atomicfile.WriteFile(filepath.Join(dir, probeCacheFile), b, 0o600)
 }
 
 func kvmOpenable() bool {

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/deskcloud/deskcloud/internal/atomicfile"
 	"github.com/hashicorp/nomad/plugins/drivers"
 )
 
@@ -31,30 +32,13 @@ type exitRecord struct {
 
 func exitRecordPath(spec vm.Spec) string { return filepath.Join(spec.StateDir, "exit.json") }
 
-// saveExitRecord writes r atomically.
+// saveExitRecord writes r atomically and durably.
 func saveExitRecord(spec vm.Spec, r exitRecord) error {
 	b, err := json.Marshal(r)
 	if err != nil {
 		return err
 	}
-	p := exitRecordPath(spec)
-	tmp := p + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("save exit status: %w", err)
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("save exit status: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("save exit status: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("save exit status: %w", err)
-	}
-	if err := os.Rename(tmp, p); err != nil {
+	if err := atomicfile.WriteFile(exitRecordPath(spec), b, 0o600); err != nil {
 		return fmt.Errorf("save exit status: %w", err)
 	}
 	return nil

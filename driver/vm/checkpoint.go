@@ -45,6 +45,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/deskcloud/deskcloud/internal/atomicfile"
 )
 
 // Files of a checkpoint directory.
@@ -649,32 +651,8 @@ func writeManifest(dir string, mf manifest) error {
 	if err != nil {
 		return fmt.Errorf("encode manifest: %w", err)
 	}
-	tmp := filepath.Join(dir, CheckpointManifestFile+".tmp")
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
-	if err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, CheckpointManifestFile), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("write manifest: %w", err)
-	}
-	if _, err := f.Write(append(b, '\n')); err != nil {
-		f.Close()
-		return fmt.Errorf("write manifest: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("write manifest: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write manifest: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, CheckpointManifestFile)); err != nil {
-		return fmt.Errorf("write manifest: %w", err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync checkpoint dir: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync checkpoint dir: %w", err)
 	}
 	return nil
 }
