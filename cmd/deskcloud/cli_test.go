@@ -164,3 +164,53 @@ func TestPredictEvalText(t *testing.T) {
 	}
 	must.StrContains(t, errOut, "phase done", must.Sprint("progress goes to stderr"))
 }
+
+func TestSimulate(t *testing.T) {
+	path := fixture(t)
+	status, out, errOut := runCLI(t, "simulate", "--quiet", "--json", "--trace", path, "--from", "2024-01-15")
+	must.Eq(t, 0, status, must.Sprintf("stderr %q", errOut))
+	var res struct {
+		Reports []struct {
+			Policy       string  `json:"policy"`
+			MachineHours float64 `json:"machine_hours"`
+			AwayHours    float64 `json:"away_hours"`
+			Arrivals     int64   `json:"arrivals"`
+			Collisions   int64   `json:"collisions"`
+		} `json:"reports"`
+	}
+	must.NoError(t, json.Unmarshal([]byte(out), &res))
+	must.SliceLen(t, 2, res.Reports)
+	for i, want := range []string{"condor", "forecast"} {
+		r := res.Reports[i]
+		must.Eq(t, want, r.Policy)
+		must.Positive(t, r.MachineHours)
+		must.LessEq(t, r.AwayHours, r.MachineHours)
+		must.LessEq(t, r.Arrivals, r.Collisions)
+	}
+	must.Eq(t, res.Reports[0].Arrivals, res.Reports[1].Arrivals, must.Sprint("both policies see the same owners"))
+
+	status, out, errOut = runCLI(t, "simulate", "--quiet", "--trace", path, "--policy", "condor")
+	must.Eq(t, 0, status, must.Sprintf("stderr %q", errOut))
+	must.StrContains(t, out, "machine-hours")
+}
+
+func TestSimulateUsageErrors(t *testing.T) {
+	path := fixture(t)
+	tests := []struct {
+		name    string
+		args    []string
+		wantErr string
+	}{
+		{"no trace", nil, "give --trace"},
+		{"bad policy", []string{"--trace", path, "--policy", "greedy"}, "--policy"},
+		{"bad thresholds", []string{"--trace", path, "--drain-above", "0.01", "--start-below", "0.1"}, "--start-below"},
+		{"empty period", []string{"--trace", path, "--from", "2024-02-01", "--to", "2024-02-01"}, "--from"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			status, _, errOut := runCLI(t, append([]string{"simulate", "--quiet"}, tc.args...)...)
+			must.Eq(t, 2, status, must.Sprintf("stderr %q", errOut))
+			must.StrContains(t, errOut, tc.wantErr)
+		})
+	}
+}

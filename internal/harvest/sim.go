@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"time"
 
@@ -42,8 +43,8 @@ type Options struct {
 	// Frozen stops the desktops' models from learning; by default they learn from their
 	// own desktop as they go, as they would on their nodes.
 	Frozen bool
-	// Workers bounds the goroutines simulating desktops (default 2). Reports do not
-	// depend on it.
+	// Workers bounds the goroutines simulating desktops (default GOMAXPROCS). Reports do
+	// not depend on it.
 	Workers int
 }
 
@@ -67,7 +68,7 @@ func (o Options) withDefaults() Options {
 		o.Pool = predictor.NewPool()
 	}
 	if o.Workers <= 0 {
-		o.Workers = 2
+		o.Workers = runtime.GOMAXPROCS(0)
 	}
 	return o
 }
@@ -224,8 +225,7 @@ func (d *desktopSim) inPeriod(t time.Time) bool {
 
 // run decides at every tick from the clock up to (not including) t.
 func (d *desktopSim) run(t time.Time) error {
-	tick := d.opt.Tick
-	for at := d.clock.Truncate(tick).Add(tick); at.Before(t); at = at.Add(tick) {
+	for at := d.nextTick(d.clock); at.Before(t); at = d.nextTick(at) {
 		d.account(at)
 		if err := d.tickDecide(at); err != nil {
 			return err
@@ -233,6 +233,22 @@ func (d *desktopSim) run(t time.Time) error {
 	}
 	d.account(t)
 	return nil
+}
+
+// nextTick is the next time after the given one that anything can change: the next Tick,
+// or for a policy that decides by forecast on a vacant or running desktop, the next
+// multiple of ForecastEvery (or the end of a drain, if sooner).
+func (d *desktopSim) nextTick(after time.Time) time.Time {
+	if d.model == nil || d.phase == Suspended {
+		return after.Truncate(d.opt.Tick).Add(d.opt.Tick)
+	}
+	next := after.Truncate(d.opt.ForecastEvery).Add(d.opt.ForecastEvery)
+	if d.phase == Draining {
+		if end := d.phaseSince.Add(d.opt.DrainTime); end.After(after) && end.Before(next) {
+			next = end
+		}
+	}
+	return next
 }
 
 // account moves the clock to t, counting what happened in between.
