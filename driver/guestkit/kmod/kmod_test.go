@@ -2,12 +2,12 @@ package kmod
 
 import (
 	"bytes"
-	"debug/elf"
-	"encoding/binary"
 	"strings"
 	"testing"
 
 	"github.com/shoenig/test/must"
+
+	"github.com/deskcloud/deskcloud/driver/guestkit/kmod/kmodtest"
 )
 
 const sampleDep = `kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko kernel/fs/netfs/netfs.ko kernel/fs/fscache/fscache.ko
@@ -123,46 +123,15 @@ func TestKitModules(t *testing.T) {
 	}
 }
 
-// elfWithModinfo builds a minimal relocatable ELF64 whose .modinfo section
-// holds modinfo, as a kernel module's does.
-func elfWithModinfo(t *testing.T, modinfo string) []byte {
-	t.Helper()
-	shstrtab := "\x00.modinfo\x00.shstrtab\x00"
-	const ehsize, shentsize = 64, 64
-	modOff := uint64(ehsize)
-	strOff := modOff + uint64(len(modinfo))
-	shOff := strOff + uint64(len(shstrtab))
-	var buf bytes.Buffer
-	hdr := elf.Header64{
-		Type: uint16(elf.ET_REL), Machine: uint16(elf.EM_X86_64), Version: uint32(elf.EV_CURRENT),
-		Shoff: shOff, Ehsize: ehsize, Shentsize: shentsize, Shnum: 3, Shstrndx: 2,
-	}
-	copy(hdr.Ident[:], elf.ELFMAG)
-	hdr.Ident[elf.EI_CLASS] = byte(elf.ELFCLASS64)
-	hdr.Ident[elf.EI_DATA] = byte(elf.ELFDATA2LSB)
-	hdr.Ident[elf.EI_VERSION] = byte(elf.EV_CURRENT)
-	must.NoError(t, binary.Write(&buf, binary.LittleEndian, hdr))
-	buf.WriteString(modinfo)
-	buf.WriteString(shstrtab)
-	for _, sh := range []elf.Section64{
-		{},
-		{Name: 1, Type: uint32(elf.SHT_PROGBITS), Off: modOff, Size: uint64(len(modinfo)), Addralign: 1},
-		{Name: 10, Type: uint32(elf.SHT_STRTAB), Off: strOff, Size: uint64(len(shstrtab)), Addralign: 1},
-	} {
-		must.NoError(t, binary.Write(&buf, binary.LittleEndian, sh))
-	}
-	return buf.Bytes()
-}
-
 func TestModInfo(t *testing.T) {
-	ko := elfWithModinfo(t, "license=GPL\x00depends=9pnet,netfs\x00alias=fs-9p\x00alias=9p\x00name=9p\x00")
+	ko := kmodtest.ModuleELF(t, "license=GPL\x00depends=9pnet,netfs\x00alias=fs-9p\x00alias=9p\x00name=9p\x00")
 	info, err := ModInfo(ko)
 	must.NoError(t, err)
 	must.Eq(t, []string{"9p"}, info["name"])
 	must.Eq(t, []string{"fs-9p", "9p"}, info["alias"])
 	must.Eq(t, []string{"9pnet", "netfs"}, Depends(info))
 
-	_, err = ModInfo(elfWithModinfo(t, "")[:64])
+	_, err = ModInfo(kmodtest.ModuleELF(t, "")[:64])
 	must.Error(t, err)
 }
 

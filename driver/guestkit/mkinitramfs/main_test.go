@@ -1,10 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"compress/gzip"
-	"debug/elf"
-	"encoding/binary"
 	"io"
 	"os"
 	"os/exec"
@@ -16,36 +13,8 @@ import (
 	"github.com/shoenig/test/must"
 
 	"github.com/deskcloud/deskcloud/driver/guestkit/kmod"
+	"github.com/deskcloud/deskcloud/driver/guestkit/kmod/kmodtest"
 )
-
-// fakeModule builds a minimal ELF with a .modinfo section, as a kernel
-// module has.
-func fakeModule(t *testing.T, modinfo string) []byte {
-	t.Helper()
-	shstrtab := "\x00.modinfo\x00.shstrtab\x00"
-	modOff := uint64(64)
-	strOff := modOff + uint64(len(modinfo))
-	var buf bytes.Buffer
-	hdr := elf.Header64{
-		Type: uint16(elf.ET_REL), Machine: uint16(elf.EM_X86_64), Version: uint32(elf.EV_CURRENT),
-		Shoff: strOff + uint64(len(shstrtab)), Ehsize: 64, Shentsize: 64, Shnum: 3, Shstrndx: 2,
-	}
-	copy(hdr.Ident[:], elf.ELFMAG)
-	hdr.Ident[elf.EI_CLASS] = byte(elf.ELFCLASS64)
-	hdr.Ident[elf.EI_DATA] = byte(elf.ELFDATA2LSB)
-	hdr.Ident[elf.EI_VERSION] = byte(elf.EV_CURRENT)
-	must.NoError(t, binary.Write(&buf, binary.LittleEndian, hdr))
-	buf.WriteString(modinfo)
-	buf.WriteString(shstrtab)
-	for _, sh := range []elf.Section64{
-		{},
-		{Name: 1, Type: uint32(elf.SHT_PROGBITS), Off: modOff, Size: uint64(len(modinfo)), Addralign: 1},
-		{Name: 10, Type: uint32(elf.SHT_STRTAB), Off: strOff, Size: uint64(len(shstrtab)), Addralign: 1},
-	} {
-		must.NoError(t, binary.Write(&buf, binary.LittleEndian, sh))
-	}
-	return buf.Bytes()
-}
 
 // modTree writes a lib/modules/VERSION tree: 9p needs 9pnet and netfs,
 // netfs is xz-compressed when xz is installed, and virtio_pci is built in.
@@ -57,10 +26,10 @@ func modTree(t *testing.T) (dir string, compressed bool) {
 		must.NoError(t, os.MkdirAll(filepath.Dir(p), 0o755))
 		must.NoError(t, os.WriteFile(p, data, 0o644))
 	}
-	write("kernel/fs/9p/9p.ko", fakeModule(t, "depends=9pnet,netfs\x00name=9p\x00"))
-	write("kernel/net/9p/9pnet.ko", fakeModule(t, "depends=\x00name=9pnet\x00"))
-	write("kernel/fs/netfs/netfs.ko", fakeModule(t, "depends=\x00name=netfs\x00"))
-	write("kernel/drivers/char/virtio_console.ko", fakeModule(t, "depends=\x00name=virtio_console\x00"))
+	write("kernel/fs/9p/9p.ko", kmodtest.ModuleELF(t, "depends=9pnet,netfs\x00name=9p\x00"))
+	write("kernel/net/9p/9pnet.ko", kmodtest.ModuleELF(t, "depends=\x00name=9pnet\x00"))
+	write("kernel/fs/netfs/netfs.ko", kmodtest.ModuleELF(t, "depends=\x00name=netfs\x00"))
+	write("kernel/drivers/char/virtio_console.ko", kmodtest.ModuleELF(t, "depends=\x00name=virtio_console\x00"))
 	write("modules.builtin", []byte("kernel/drivers/virtio/virtio_pci.ko\n"))
 	if xz, err := exec.LookPath("xz"); err == nil {
 		p := filepath.Join(dir, "kernel/fs/netfs/netfs.ko")
