@@ -2,6 +2,7 @@ package deskvm
 
 import (
 	"context"
+	"errors"
 	"syscall"
 
 	"github.com/deskcloud/deskcloud/driver/guestctl"
@@ -15,11 +16,16 @@ type Hypervisor interface {
 	Launch(ctx context.Context, spec vm.Spec) (Machine, error)
 	// Attach finds a running VM again by its spec and pid after a restart.
 	Attach(ctx context.Context, spec vm.Spec, pid int) (Machine, error)
+	// Restore starts a VM for spec from the checkpoint in dir, paused: the caller resumes it.
+	Restore(ctx context.Context, spec vm.Spec, dir string) (Machine, error)
 }
 
 // Machine is one running VM.
 type Machine interface {
 	PID() int
+	// Spec is the VM's spec as it runs: a VM restored in image mode runs its disk from the
+	// checkpoint.
+	Spec() vm.Spec
 	// Done is closed once the VM has exited.
 	Done() <-chan struct{}
 	// GuestPoweredOff tells, once Done is closed, whether the guest shut itself down cleanly.
@@ -39,6 +45,26 @@ type Machine interface {
 	Close() error
 	// Cleanup removes the VM's sockets after it has exited.
 	Cleanup() error
+
+	// SetIdle puts the VM in the idle CPU class (its threads SCHED_IDLE, its cgroup
+	// cpu.idle) or takes it out.
+	SetIdle(on bool) error
+	// SetCPUCap caps the VM's CPU at percent of its vCPUs; 100 lifts the cap.
+	SetCPUCap(percent int) error
+	// CPUCap returns the VM's CPU cap in percent of its vCPUs, 100 when uncapped.
+	CPUCap() (int, error)
+	// SetBalloon sets the guest's memory target in MiB; it returns before the guest gets there.
+	SetBalloon(ctx context.Context, mib int) error
+	// Memory returns the guest's memory now (balloon) and what it uses, in MiB; used is 0
+	// while the guest has not reported it.
+	Memory(ctx context.Context) (balloonMiB, usedMiB int, err error)
+	// Pause stops the guest's vCPUs; Resume lets them run again.
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+	// Paused reports whether the guest's vCPUs are stopped.
+	Paused(ctx context.Context) (bool, error)
+	// Checkpoint saves the VM to dir and ends it; see vm.Machine.Checkpoint.
+	Checkpoint(ctx context.Context, dir string) (vm.Checkpoint, error)
 }
 
 // Guest is a connection to the agent inside a command-mode VM.
@@ -65,6 +91,14 @@ func (qemuHypervisor) Launch(ctx context.Context, spec vm.Spec) (Machine, error)
 
 func (qemuHypervisor) Attach(ctx context.Context, spec vm.Spec, pid int) (Machine, error) {
 	m, err := vm.Attach(ctx, spec, pid)
+	if err != nil {
+		return nil, err
+	}
+	return &qemuMachine{Machine: m}, nil
+}
+
+func (qemuHypervisor) Restore(ctx context.Context, spec vm.Spec, dir string) (Machine, error) {
+	m, err := vm.Restore(ctx, spec, dir)
 	if err != nil {
 		return nil, err
 	}
@@ -104,4 +138,51 @@ func (m *qemuMachine) Failure() string {
 		return "guest kernel panic: " + m.ConsoleTail(3)
 	}
 	return ""
+}
+
+func (m *qemuMachine) SetIdle(on bool) error {
+	spec := m.Spec()
+	dir, err := vm.CPUDir(spec.CgroupDirs)
+	if !on {
+		errs := []error{vm.SetNormalClass(m.PID())}
+		if err == nil {
+			errs = append(errs, vm.ClearCgroupIdle(dir))
+		}
+		return errors.Join(errs...)
+	}
+	if err := vm.SetIdleClass(m.PID()); err != nil {
+		return err
+	}
+	if err != nil {
+		// No cpu cgroup to mark (a VM outside Nomad's cgroups): the class alone still
+		// orders the VM after the owner's threads in the same cgroup.
+		return nil
+	}
+	return vm.SetCgroupIdle(dir)
+}
+
+func (m *qemuMachine) SetCPUCap(percent int) error {
+	spec := m.Spec()
+	return vm.SetCPUCap(spec.CgroupDirs, percent, spec.CPUs)
+}
+
+func (m *qemuMachine) CPUCap() (int, error) {
+	spec := m.Spec()
+	return vm.CPUCap(spec.CgroupDirs, spec.CPUs)
+}
+
+func (m *qemuMachine) Memory(ctx context.Context) (int, int, error) {
+	b, err := m.Balloon(ctx)
+	if err != nil {
+		return 0, 0, err
+	}
+	used, err := m.GuestMemory(ctx)
+	if errors.Is(err, vm.ErrNoGuestStats) {
+		return b, 0, nil
+	}
+	return b, used, err
+}
+
+func (m *qemuMachine) Paused(ctx context.Context) (bool, error) {
+	return m.Machine.Paused(ctx)
 }

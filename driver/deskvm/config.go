@@ -3,12 +3,15 @@ package deskvm
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 )
 
@@ -53,18 +56,21 @@ var (
 		"state_dir":       hclspec.NewDefault(hclspec.NewAttr("state_dir", "string", false), hclspec.NewLiteral(`"/run/deskvm"`)),
 		"boot_timeout":    hclspec.NewDefault(hclspec.NewAttr("boot_timeout", "string", false), hclspec.NewLiteral(`"2m"`)),
 		"memory_overhead": hclspec.NewDefault(hclspec.NewAttr("memory_overhead", "number", false), hclspec.NewLiteral("192")),
+		"yield":           yieldSpec,
+		"owner":           ownerSpec,
 	})
 
 	// taskConfigSpec is the task config, from a task's config block.
 	taskConfigSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-		"command":   hclspec.NewAttr("command", "string", false),
-		"args":      hclspec.NewAttr("args", "list(string)", false),
-		"work_dir":  hclspec.NewAttr("work_dir", "string", false),
-		"image":     hclspec.NewAttr("image", "string", false),
-		"user_data": hclspec.NewAttr("user_data", "string", false),
-		"network":   hclspec.NewDefault(hclspec.NewAttr("network", "string", false), hclspec.NewLiteral(`"none"`)),
-		"ports":     hclspec.NewAttr("ports", "list(string)", false),
-		"qemu_args": hclspec.NewAttr("qemu_args", "list(string)", false),
+		"command":    hclspec.NewAttr("command", "string", false),
+		"args":       hclspec.NewAttr("args", "list(string)", false),
+		"work_dir":   hclspec.NewAttr("work_dir", "string", false),
+		"image":      hclspec.NewAttr("image", "string", false),
+		"user_data":  hclspec.NewAttr("user_data", "string", false),
+		"network":    hclspec.NewDefault(hclspec.NewAttr("network", "string", false), hclspec.NewLiteral(`"none"`)),
+		"ports":      hclspec.NewAttr("ports", "list(string)", false),
+		"qemu_args":  hclspec.NewAttr("qemu_args", "list(string)", false),
+		"preemption": hclspec.NewAttr("preemption", "string", false),
 	})
 )
 
@@ -89,6 +95,10 @@ type Config struct {
 	BootTimeout string `codec:"boot_timeout"`
 	// MemoryOverhead is QEMU's own memory in MiB, added to guest RAM for the cgroup limit.
 	MemoryOverhead int `codec:"memory_overhead"`
+	// Yield is the node's yield policy: how VMs give the desktop back to its owner.
+	Yield yield.Config `codec:"yield"`
+	// Owner says how the owner is sensed.
+	Owner OwnerConfig `codec:"owner"`
 }
 
 // bootTimeout returns BootTimeout parsed; validate has checked it.
@@ -142,6 +152,12 @@ func (c *Config) validate() error {
 			errs = append(errs, fmt.Errorf("args_allowlist entries must be QEMU options starting with \"-\", got %q", a))
 		}
 	}
+	if _, err := c.yieldPolicy(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Owner.validate(); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -162,6 +178,9 @@ type TaskConfig struct {
 	Ports []string `codec:"ports"`
 	// QEMUArgs are raw QEMU arguments; each must be allowed by the plugin's args_allowlist.
 	QEMUArgs []string `codec:"qemu_args"`
+	// Preemption is what happens once pausing is not enough for the owner: "checkpoint",
+	// "suspend" or "restart"; empty takes the node's yield.preemption.
+	Preemption string `codec:"preemption"`
 }
 
 // validate checks the task config against the plugin config; each error names the attribute
@@ -199,6 +218,11 @@ func (tc *TaskConfig) validate(c *Config) error {
 	}
 	if err := argsAllowed(tc.QEMUArgs, c.ArgsAllowlist); err != nil {
 		errs = append(errs, err)
+	}
+	if p, err := c.yieldPolicy(); err == nil {
+		if _, err := p.ForTask(tc.Preemption); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -242,6 +266,152 @@ func argsAllowed(args, allow []string) error {
 		}
 		if !slices.Contains(allow, a) {
 			errs = append(errs, fmt.Errorf("qemu_args option %q is not in the plugin's args_allowlist %q", a, allow))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Owner sensing sources of the plugin config's owner block.
+const (
+	sourceProc   = "proc"
+	sourceInput  = "input"
+	sourceLogind = "logind"
+)
+
+// blockAttr is one attribute of a config block with its default, as HCL.
+type blockAttr struct {
+	key, typ, def string
+}
+
+// blockSpec spells a block whose attributes all have defaults: the attributes' own defaults
+// apply to a block that is given, and the same values as one literal to a block left out.
+func blockSpec(name string, attrs []blockAttr, extra map[string]*hclspec.Spec) *hclspec.Spec {
+	obj := map[string]*hclspec.Spec{}
+	lines := []string{"{"}
+	for _, a := range attrs {
+		if a.def == "" {
+			obj[a.key] = hclspec.NewAttr(a.key, a.typ, false)
+			continue
+		}
+		obj[a.key] = hclspec.NewDefault(hclspec.NewAttr(a.key, a.typ, false), hclspec.NewLiteral(a.def))
+		lines = append(lines, "  "+a.key+" = "+a.def)
+	}
+	for k, v := range extra {
+		obj[k] = v
+	}
+	lines = append(lines, "}")
+	return hclspec.NewDefault(hclspec.NewBlock(name, false, hclspec.NewObject(obj)), hclspec.NewLiteral(strings.Join(lines, "\n")))
+}
+
+var (
+	// yieldSpec is the plugin config's yield block; its defaults are yield.DefaultConfig's.
+	yieldSpec = newYieldSpec(yield.DefaultConfig())
+
+	// ownerSpec is the plugin config's owner block.
+	ownerSpec = blockSpec("owner", []blockAttr{
+		{"sources", "list(string)", `["proc", "input", "logind"]`},
+		{"replay_file", "string", ""},
+		{"replay_speed", "number", "1"},
+		{"cpu_interval", "string", `"100ms"`},
+		{"forecast_state", "string", `"/var/lib/deskvm/forecast.model"`},
+		{"forecast_pool", "string", ""},
+	}, nil)
+)
+
+// newYieldSpec spells the yield block with c's values as its defaults, so the defaults live
+// in one place (internal/yield). No cpu_cap_step block means the default steps.
+func newYieldSpec(c yield.Config) *hclspec.Spec {
+	q := strconv.Quote
+	modes := make([]string, len(c.PreemptionModes))
+	for i, m := range c.PreemptionModes {
+		modes[i] = q(m)
+	}
+	return blockSpec("yield", []blockAttr{
+		{"enabled", "bool", "true"},
+		{"cpu_idle_below", "string", q(c.CPUIdleBelow)},
+		{"cpu_busy_above", "string", q(c.CPUBusyAbove)},
+		{"load_window", "string", q(c.LoadWindow)},
+		{"input_active_within", "string", q(c.InputActiveWithin)},
+		{"away_after", "string", q(c.AwayAfter)},
+		{"locked_is_away", "bool", strconv.FormatBool(c.LockedIsAway)},
+		{"settle_after", "string", q(c.SettleAfter)},
+		{"cap_recover_after", "string", q(c.CapRecoverAfter)},
+		{"memory_low_water", "number", strconv.Itoa(c.MemoryLowWater)},
+		{"memory_high_water", "number", strconv.Itoa(c.MemoryHighWater)},
+		{"memory_recover_after", "string", q(c.MemoryRecoverAfter)},
+		{"memory_floor", "number", strconv.Itoa(c.MemoryFloor)},
+		{"memory_shortfall_after", "string", q(c.MemoryShortfallAfter)},
+		{"suspend_after", "string", q(c.SuspendAfter)},
+		{"resume_after", "string", q(c.ResumeAfter)},
+		{"checkpoint_after", "string", q(c.CheckpointAfter)},
+		{"preemption", "string", q(c.Preemption)},
+		{"preemption_modes", "list(string)", "[" + strings.Join(modes, ", ") + "]"},
+	}, map[string]*hclspec.Spec{
+		"cpu_cap_step": hclspec.NewBlockList("cpu_cap_step", hclspec.NewObject(map[string]*hclspec.Spec{
+			"load_above": hclspec.NewAttr("load_above", "string", true),
+			"percent":    hclspec.NewAttr("percent", "number", true),
+		})),
+	})
+}
+
+// yieldPolicy returns the yield block as a validated policy.
+func (c *Config) yieldPolicy() (yield.Policy, error) {
+	p, err := c.Yield.Policy()
+	if err != nil {
+		return p, fmt.Errorf("yield: %w", err)
+	}
+	return p, nil
+}
+
+// OwnerConfig is the plugin config's owner block: how the desktop's owner is sensed.
+type OwnerConfig struct {
+	// Sources are the live sources: "proc" (CPU and memory), "input" (/dev/input) and
+	// "logind" (idle and lock hints over D-Bus). Empty senses nothing live.
+	Sources []string `codec:"sources"`
+	// ReplayFile, when set, is a trace of owner samples (see internal/owner) played as one
+	// more source, shifted to start when its first row is read; a named pipe works too, for
+	// tests and demos that drive the owner as they go.
+	ReplayFile string `codec:"replay_file"`
+	// ReplaySpeed is trace time per unit of real time; 0 plays as fast as it is read.
+	ReplaySpeed float64 `codec:"replay_speed"`
+	// CPUInterval is how often the proc source samples the owner's CPU.
+	CPUInterval string `codec:"cpu_interval"`
+	// ForecastState is where this desktop's forecast model persists; empty keeps it in
+	// memory only.
+	ForecastState string `codec:"forecast_state"`
+	// ForecastPool is a pool prior for a desktop with no history yet; empty uses the
+	// built-in one.
+	ForecastPool string `codec:"forecast_pool"`
+}
+
+// cpuInterval returns CPUInterval parsed; validate has checked it.
+func (o OwnerConfig) cpuInterval() time.Duration {
+	d, _ := time.ParseDuration(o.CPUInterval)
+	return d
+}
+
+// validate checks the owner block; each error names the attribute and quotes the value.
+func (o OwnerConfig) validate() error {
+	var errs []error
+	for _, s := range o.Sources {
+		switch s {
+		case sourceProc, sourceInput, sourceLogind:
+		default:
+			errs = append(errs, fmt.Errorf("owner.sources entries must be %q, %q or %q, got %q", sourceProc, sourceInput, sourceLogind, s))
+		}
+	}
+	if o.ReplayFile != "" && !filepath.IsAbs(o.ReplayFile) {
+		errs = append(errs, fmt.Errorf("owner.replay_file must be an absolute path, got %q", o.ReplayFile))
+	}
+	if !(o.ReplaySpeed >= 0) || math.IsInf(o.ReplaySpeed, 0) {
+		errs = append(errs, fmt.Errorf("owner.replay_speed must be zero or more, got %q", strconv.FormatFloat(o.ReplaySpeed, 'g', -1, 64)))
+	}
+	if d, err := time.ParseDuration(o.CPUInterval); err != nil || d < 10*time.Millisecond || d > 10*time.Second {
+		errs = append(errs, fmt.Errorf("owner.cpu_interval must be a duration from 10ms to 10s, got %q", o.CPUInterval))
+	}
+	for key, p := range map[string]string{"owner.forecast_state": o.ForecastState, "owner.forecast_pool": o.ForecastPool} {
+		if p != "" && !filepath.IsAbs(p) {
+			errs = append(errs, fmt.Errorf("%s must be an absolute path, got %q", key, p))
 		}
 	}
 	return errors.Join(errs...)

@@ -4,24 +4,58 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
+	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/nomad/client/lib/cpustats"
+	"github.com/hashicorp/nomad/helper/pluginutils/hclutils"
 	"github.com/hashicorp/nomad/helper/uuid"
 	"github.com/hashicorp/nomad/nomad/structs"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"github.com/shoenig/test/must"
 )
 
-func validConfig() *Config {
-	return &Config{
-		Accelerator:    accelAuto,
-		QEMUBinary:     defaultQEMUBinary,
-		QEMUImgBinary:  defaultQEMUImgBinary,
-		StateDir:       defaultStateDir,
-		BootTimeout:    defaultBootTimeout,
-		MemoryOverhead: defaultMemoryOverhead,
-		ImagePaths:     []string{"/srv/images"},
-	}
+// defaultConfig decodes a plugin config block through the plugin's hclspec, as Nomad does,
+// so that tests run on the spec's own defaults.
+func defaultConfig(t *testing.T, hcl string) *Config {
+	t.Helper()
+	var c Config
+	hclutils.NewConfigParser(configSpec).ParseHCL(t, "config {\n"+hcl+"\n}", &c)
+	return &c
+}
+
+func validConfig(t *testing.T) *Config {
+	c := defaultConfig(t, `image_paths = ["/srv/images"]`)
+	return c
+}
+
+func TestConfigSpec_Defaults(t *testing.T) {
+	c := defaultConfig(t, "")
+	must.NoError(t, c.validate())
+	must.Eq(t, defaultStateDir, c.StateDir)
+	must.True(t, c.Yield.Enabled)
+	p, err := c.yieldPolicy()
+	must.NoError(t, err)
+	must.Eq(t, yield.DefaultPolicy(), p, must.Sprint("the yield block's defaults must be yield.DefaultPolicy"))
+	must.Eq(t, []string{sourceProc, sourceInput, sourceLogind}, c.Owner.Sources)
+	must.Eq(t, 1.0, c.Owner.ReplaySpeed)
+
+	c = defaultConfig(t, `yield {
+  suspend_after = "5s"
+  cpu_cap_step {
+    load_above = 0.2
+    percent    = 40
+  }
+}
+owner {
+  sources = ["proc"]
+}`)
+	must.NoError(t, c.validate())
+	p, err = c.yieldPolicy()
+	must.NoError(t, err)
+	must.Eq(t, 5*time.Second, p.SuspendAfter)
+	must.Eq(t, []yield.CapStep{{LoadAbove: 0.2, Percent: 40}}, p.CPUCapSteps)
+	must.Eq(t, yield.DefaultPolicy().ResumeAfter, p.ResumeAfter, must.Sprint("keys left out keep their defaults"))
 }
 
 func TestConfig_Validate(t *testing.T) {
@@ -42,10 +76,18 @@ func TestConfig_Validate(t *testing.T) {
 		{"negative boot timeout", func(c *Config) { c.BootTimeout = "-1s" }, `boot_timeout must be a positive duration`},
 		{"negative overhead", func(c *Config) { c.MemoryOverhead = -1 }, `memory_overhead must be zero or more MiB, got -1`},
 		{"allowlist entry", func(c *Config) { c.ArgsAllowlist = []string{"cpu"} }, `args_allowlist entries must be QEMU options starting with "-", got "cpu"`},
+		{"yield duration", func(c *Config) { c.Yield.SuspendAfter = "soon" }, `yield: suspend_after must be a duration such as "30s" or "2m", got "soon"`},
+		{"yield threshold", func(c *Config) { c.Yield.CPUBusyAbove = "1.5" }, `yield: cpu_busy_above must be a load from 0 to 1, got "1.5"`},
+		{"yield preemption", func(c *Config) { c.Yield.Preemption = "hibernate" }, `preemption`},
+		{"owner source", func(c *Config) { c.Owner.Sources = []string{"webcam"} }, `owner.sources entries must be "proc", "input" or "logind", got "webcam"`},
+		{"owner replay file", func(c *Config) { c.Owner.ReplayFile = "trace.csv" }, `owner.replay_file must be an absolute path, got "trace.csv"`},
+		{"owner replay speed", func(c *Config) { c.Owner.ReplaySpeed = -2 }, `owner.replay_speed must be zero or more, got "-2"`},
+		{"owner cpu interval", func(c *Config) { c.Owner.CPUInterval = "1ms" }, `owner.cpu_interval must be a duration from 10ms to 10s, got "1ms"`},
+		{"owner forecast state", func(c *Config) { c.Owner.ForecastState = "model" }, `owner.forecast_state must be an absolute path, got "model"`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := validConfig()
+			c := validConfig(t)
 			tc.mutate(c)
 			err := c.validate()
 			if tc.want == "" {
@@ -58,7 +100,7 @@ func TestConfig_Validate(t *testing.T) {
 }
 
 func TestConfig_ValidateCollectsEveryError(t *testing.T) {
-	c := validConfig()
+	c := validConfig(t)
 	c.Accelerator = "xen"
 	c.BootTimeout = "x"
 	err := c.validate()
@@ -72,7 +114,7 @@ func TestTaskConfig_Validate(t *testing.T) {
 	must.NoError(t, os.WriteFile(inside, nil, 0o644))
 	outsideLink := filepath.Join(images, "escape.qcow2")
 	must.NoError(t, os.Symlink("/etc/passwd", outsideLink))
-	pc := validConfig()
+	pc := validConfig(t)
 	pc.ImagePaths = []string{images}
 	pc.ArgsAllowlist = []string{"-cpu"}
 
@@ -96,6 +138,8 @@ func TestTaskConfig_Validate(t *testing.T) {
 		{"ports without network", TaskConfig{Command: "/bin/true", Network: "none", Ports: []string{"http"}}, `ports ["http"] need network = "user"`},
 		{"allowed qemu arg", TaskConfig{Command: "/bin/true", QEMUArgs: []string{"-cpu", "max"}}, ""},
 		{"qemu arg not allowed", TaskConfig{Command: "/bin/true", QEMUArgs: []string{"-device", "vfio-pci"}}, `qemu_args option "-device" is not in the plugin's args_allowlist ["-cpu"]`},
+		{"preemption", TaskConfig{Command: "/bin/true", Preemption: "suspend"}, ""},
+		{"unknown preemption", TaskConfig{Command: "/bin/true", Preemption: "hibernate"}, `preemption must be one of the node's preemption_modes ["checkpoint" "suspend" "restart"], got "hibernate"`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -140,7 +184,7 @@ func TestGuestCPUs(t *testing.T) {
 }
 
 func TestBuildSpec(t *testing.T) {
-	pc := validConfig()
+	pc := validConfig(t)
 	pc.StateDir = "/run/deskvm"
 	host := hostInfo{probe: probeDone, accel: "tcg", kernel: "/k", initrd: "/i"}
 	mk := func(mem int64, tc TaskConfig) (*drivers.TaskConfig, *TaskConfig) {
@@ -190,7 +234,7 @@ func TestProbeCache(t *testing.T) {
 	dir := t.TempDir()
 	kernel := filepath.Join(dir, "vmlinuz")
 	must.NoError(t, os.WriteFile(kernel, []byte("k"), 0o644))
-	c := validConfig()
+	c := validConfig(t)
 	info := hostInfo{qemuVersion: "7.2.22", kernel: kernel, initrd: kernel}
 	key := probeCacheKey(c, info)
 

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/client/lib/cpustats"
 	"github.com/hashicorp/nomad/drivers/shared/eventer"
@@ -68,6 +69,8 @@ type Driver struct {
 
 	mu      sync.RWMutex // guards what SetConfig and the accelerator probe set
 	config  *Config
+	policy  yield.Policy // the node's yield policy, from config
+	owner   *ownerSensor // senses the desktop's owner; set once by the first SetConfig
 	compute cpustats.Compute
 	host    hostInfo
 }
@@ -110,14 +113,27 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	if err := c.validate(); err != nil {
 		return fmt.Errorf("invalid deskvm plugin config: %w", err)
 	}
+	policy, err := c.yieldPolicy()
+	if err != nil {
+		return fmt.Errorf("invalid deskvm plugin config: %w", err)
+	}
 	var compute cpustats.Compute
 	if cfg.AgentConfig != nil {
 		compute = cfg.AgentConfig.Compute()
 	}
 	d.mu.Lock()
 	d.config = &c
+	d.policy = policy
 	d.compute = compute
+	startSensor := d.owner == nil
+	if startSensor {
+		d.owner = newOwnerSensor(d.logger, &c, ownerPolicy{thresholds: policy.Owner, lowWaterMiB: policy.MemoryLowWaterMiB})
+	}
+	sensor := d.owner
 	d.mu.Unlock()
+	if startSensor {
+		go sensor.run(d.ctx, &c)
+	}
 	go func() {
 		info := d.probe(d.ctx, &c)
 		d.mu.Lock()
@@ -161,8 +177,47 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	h := d.newHandle(st.TaskConfig, st.Mode, st.Spec, m, time.Unix(0, st.StartedAt))
 	d.tasks.Set(handle.Config.ID, h)
 	go h.run(d.ctx)
+	if st.Yield {
+		d.startYield(h, st.Preemption, vmInfo(ctx, m, st.Spec.MemoryMiB))
+	}
 	d.logger.Info("recovered task", "task_id", handle.Config.ID, "vm", st.Spec.Name, "pid", st.PID)
 	return nil
+}
+
+// startYield runs the task's yield loop under the node's policy narrowed to the task's
+// preemption mode, which StartTask has validated.
+func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo) {
+	d.mu.RLock()
+	policy, sensor := d.policy, d.owner
+	d.mu.RUnlock()
+	p, err := policy.ForTask(preemption)
+	if err != nil || sensor == nil {
+		h.events("yield off for this task: "+fmt.Sprint(err), nil)
+		return
+	}
+	d.excludeVMs()
+	go func() {
+		h.runYield(d.ctx, sensor, p, start)
+		<-h.doneCh
+		d.excludeVMs()
+	}()
+}
+
+// excludeVMs tells owner sensing which processes are this driver's VMs.
+func (d *Driver) excludeVMs() {
+	d.mu.RLock()
+	sensor := d.owner
+	d.mu.RUnlock()
+	if sensor == nil {
+		return
+	}
+	var pids []int
+	for _, h := range d.tasks.All() {
+		if h.isRunning() {
+			pids = append(pids, h.machine.PID())
+		}
+	}
+	sensor.exclude(pids)
 }
 
 func (d *Driver) newHandle(cfg *drivers.TaskConfig, mode string, spec vm.Spec, m Machine, started time.Time) *taskHandle {
@@ -297,4 +352,23 @@ func vmName(taskID string) string {
 // socketDir is the VM's short socket dir under the plugin's state_dir.
 func socketDir(stateDir, name string) string {
 	return filepath.Join(stateDir, name)
+}
+
+// ownerActive reports whether the desktop's owner is active now.
+func (d *Driver) ownerActive() bool {
+	d.mu.RLock()
+	sensor := d.owner
+	d.mu.RUnlock()
+	return sensor != nil && sensor.active()
+}
+
+// ownerChanged is signalled when the owner's state changes; nil (never ready) before the
+// sensor starts.
+func (d *Driver) ownerChanged() <-chan struct{} {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.owner == nil {
+		return nil
+	}
+	return d.owner.changed
 }

@@ -132,16 +132,21 @@ func newHarness(t *testing.T, b backend, hv Hypervisor, cfg *Config) (*dtestutil
 	return h, d
 }
 
+// testPluginConfig is the spec's defaults with yield off and nothing sensed live: the
+// "owner" would be whatever else this machine runs, and idle-class VMs starve beside the
+// other test packages. Yield has its own tests (yield_test.go).
 func testPluginConfig(t *testing.T) *Config {
-	return &Config{
-		Accelerator:    accelAuto,
-		QEMUBinary:     defaultQEMUBinary,
-		QEMUImgBinary:  defaultQEMUImgBinary,
-		StateDir:       shortTempDir(t),
-		BootTimeout:    "90s",
-		MemoryOverhead: defaultMemoryOverhead,
-		ImagePaths:     []string{filepath.Dir(guestkit.TestImage())},
-	}
+	c := defaultConfig(t, `yield {
+  enabled = false
+}
+owner {
+  sources        = []
+  forecast_state = ""
+}`)
+	c.StateDir = shortTempDir(t)
+	c.BootTimeout = "90s"
+	c.ImagePaths = []string{filepath.Dir(guestkit.TestImage())}
+	return c
 }
 
 // shortTempDir is a temp dir with a short path, for unix sockets.

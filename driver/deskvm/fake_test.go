@@ -93,11 +93,16 @@ type fakeMachine struct {
 	doneOnce sync.Once
 	done     chan struct{}
 
-	mu       sync.Mutex
-	poweroff bool
+	mu         sync.Mutex
+	poweroff   bool
+	idle       bool
+	capPercent int
+	balloon    int
+	paused     bool
 }
 
 func (m *fakeMachine) PID() int               { return os.Getpid() }
+func (m *fakeMachine) Spec() vm.Spec          { return m.spec }
 func (m *fakeMachine) Done() <-chan struct{}  { return m.done }
 func (m *fakeMachine) Failure() string        { return m.failure }
 func (m *fakeMachine) Close() error           { return nil }
@@ -308,4 +313,86 @@ func (a *hostAgent) kill() {
 	if a.cmd != nil && a.status.State == guestctl.StateRunning {
 		_ = syscall.Kill(-a.cmd.Process.Pid, syscall.SIGKILL)
 	}
+}
+
+// The fake's yield controls: pause stops the command's process group, the rest is recorded.
+
+func (f *fakeHypervisor) Restore(ctx context.Context, spec vm.Spec, dir string) (Machine, error) {
+	return nil, errors.New("the fake hypervisor cannot restore checkpoints")
+}
+
+func (m *fakeMachine) SetIdle(on bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.idle = on
+	return nil
+}
+
+func (m *fakeMachine) SetCPUCap(percent int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.capPercent = percent
+	return nil
+}
+
+func (m *fakeMachine) CPUCap() (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.capPercent == 0 {
+		return 100, nil
+	}
+	return m.capPercent, nil
+}
+
+func (m *fakeMachine) SetBalloon(ctx context.Context, mib int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.balloon = mib
+	return nil
+}
+
+func (m *fakeMachine) Memory(ctx context.Context) (int, int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.balloon == 0 {
+		return m.spec.MemoryMiB, 64, nil
+	}
+	return m.balloon, 64, nil
+}
+
+func (m *fakeMachine) Pause(ctx context.Context) error { return m.setPaused(true) }
+
+func (m *fakeMachine) Resume(ctx context.Context) error { return m.setPaused(false) }
+
+func (m *fakeMachine) setPaused(on bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.paused = on
+	sig := syscall.SIGCONT
+	if on {
+		sig = syscall.SIGSTOP
+	}
+	m.agent.mu.Lock()
+	defer m.agent.mu.Unlock()
+	if m.agent.cmd != nil && m.agent.status.State == guestctl.StateRunning {
+		return syscall.Kill(-m.agent.cmd.Process.Pid, sig)
+	}
+	return nil
+}
+
+func (m *fakeMachine) Paused(ctx context.Context) (bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.paused, nil
+}
+
+func (m *fakeMachine) Checkpoint(ctx context.Context, dir string) (vm.Checkpoint, error) {
+	return vm.Checkpoint{}, errors.New("the fake hypervisor cannot checkpoint")
+}
+
+// yieldState returns what the yield controls last set.
+func (m *fakeMachine) yieldState() (idle bool, capPercent, balloon int, paused bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.idle, m.capPercent, m.balloon, m.paused
 }

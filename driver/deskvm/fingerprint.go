@@ -234,6 +234,8 @@ func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, 
 				return
 			case <-timer.C:
 				timer.Reset(fingerprintPeriod)
+			case <-d.ownerChanged():
+				// The owner's state moved: tell the scheduler now, not a period later.
 			case <-probeTick.C:
 				// Report the probe's end at once rather than up to a period later.
 				if last == probeDone || d.hostInfo().probe == probePending {
@@ -269,14 +271,24 @@ func (d *Driver) buildFingerprint() *drivers.Fingerprint {
 		}
 		return &drivers.Fingerprint{Health: health, HealthDescription: host.err.Error()}
 	}
+	attrs := map[string]*pstructs.Attribute{
+		"driver.deskvm":              pstructs.NewBoolAttribute(true),
+		"driver.deskvm.version":      pstructs.NewStringAttribute(PluginVersion),
+		"driver.deskvm.accelerator":  pstructs.NewStringAttribute(string(host.accel)),
+		"driver.deskvm.qemu_version": pstructs.NewStringAttribute(host.qemuVersion),
+	}
+	d.mu.RLock()
+	sensor := d.owner
+	d.mu.RUnlock()
+	if sensor != nil {
+		// Coarse owner state and forecast only: raw activity never leaves the desktop.
+		for k, v := range sensor.attributes(time.Now()) {
+			attrs["driver.deskvm."+k] = pstructs.NewStringAttribute(v)
+		}
+	}
 	return &drivers.Fingerprint{
 		Health:            drivers.HealthStateHealthy,
 		HealthDescription: drivers.DriverHealthy,
-		Attributes: map[string]*pstructs.Attribute{
-			"driver.deskvm":              pstructs.NewBoolAttribute(true),
-			"driver.deskvm.version":      pstructs.NewStringAttribute(PluginVersion),
-			"driver.deskvm.accelerator":  pstructs.NewStringAttribute(string(host.accel)),
-			"driver.deskvm.qemu_version": pstructs.NewStringAttribute(host.qemuVersion),
-		},
+		Attributes:        attrs,
 	}
 }

@@ -11,6 +11,8 @@ import (
 
 	"github.com/deskcloud/deskcloud/driver/guestctl"
 	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/deskcloud/deskcloud/internal/owner"
+	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/plugins/drivers"
 )
@@ -43,6 +45,9 @@ type taskHandle struct {
 	events     func(msg string, annotations map[string]string)
 	doneCh     chan struct{} // closed once exitResult is set
 	killed     atomic.Bool   // the driver itself killed the VM (stop after its timeout, destroy)
+	// preempted is the task's result when yield ended the VM (checkpoint, restart); set
+	// before the VM exits so that the run loop reports it instead of a crash.
+	preempted atomic.Pointer[drivers.ExitResult]
 
 	mu          sync.RWMutex
 	guest       Guest // nil until connected, and while reconnecting
@@ -50,6 +55,7 @@ type taskHandle struct {
 	completedAt time.Time
 	exitResult  *drivers.ExitResult
 	stats       *statsTracker
+	yield       yieldStatus
 }
 
 func (h *taskHandle) status() *drivers.TaskStatus {
@@ -63,11 +69,36 @@ func (h *taskHandle) status() *drivers.TaskStatus {
 		CompletedAt: h.completedAt,
 		ExitResult:  h.exitResult.Copy(),
 		DriverAttributes: map[string]string{
-			"pid":  fmt.Sprint(h.machine.PID()),
-			"mode": h.mode,
-			"vm":   h.spec.Name,
+			"pid":             fmt.Sprint(h.machine.PID()),
+			"mode":            h.mode,
+			"vm":              h.spec.Name,
+			"layer":           h.yield.Layer.String(),
+			"cpu_cap_percent": fmt.Sprint(h.yield.CPUCapPercent),
+			"balloon_mib":     fmt.Sprint(h.yield.BalloonMiB),
+			"owner":           h.yield.Owner.String(),
 		},
 	}
+}
+
+func (h *taskHandle) preempt(res *drivers.ExitResult) { h.preempted.Store(res) }
+
+// setYield records the decision the yield loop applied.
+func (h *taskHandle) setYield(dec yield.Decision) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.yield = yieldStatus{Layer: dec.Layer, CPUCapPercent: dec.CPUCapPercent, BalloonMiB: dec.BalloonMiB, Owner: dec.Owner.State}
+}
+
+func (h *taskHandle) setOwner(st owner.State) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.yield.Owner = st
+}
+
+func (h *taskHandle) yieldState() yieldStatus {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.yield
 }
 
 func (h *taskHandle) isRunning() bool {
@@ -132,6 +163,9 @@ func (h *taskHandle) runCommand(ctx context.Context) *drivers.ExitResult {
 	case st := <-statusCh:
 		return h.commandEnded(ctx, st)
 	case <-h.machine.Done():
+		if res := h.preempted.Load(); res != nil {
+			return res
+		}
 		select {
 		case st := <-statusCh:
 			return h.commandEnded(ctx, st)
@@ -243,6 +277,9 @@ func (h *taskHandle) runImage(ctx context.Context) *drivers.ExitResult {
 	case <-h.machine.Done():
 	case <-ctx.Done():
 		return nil
+	}
+	if res := h.preempted.Load(); res != nil {
+		return res
 	}
 	if h.machine.GuestPoweredOff() {
 		return &drivers.ExitResult{ExitCode: 0}

@@ -13,6 +13,7 @@ import (
 	"github.com/deskcloud/deskcloud/driver/cloudinit"
 	"github.com/deskcloud/deskcloud/driver/guestctl"
 	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/nomad/client/lib/cpustats"
 	"github.com/hashicorp/nomad/nomad/structs"
 	"github.com/hashicorp/nomad/plugins/drivers"
@@ -64,32 +65,89 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		}
 	}
 
-	m, err := d.hv.Launch(ctx, spec)
+	d.mu.RLock()
+	policy := d.policy
+	d.mu.RUnlock()
+	taskPolicy, err := policy.ForTask(tc.Preemption)
 	if err != nil {
-		return nil, nil, fmt.Errorf("start vm %s: %w", spec.Name, err)
+		return nil, nil, fmt.Errorf("invalid deskvm task config: %w", err)
+	}
+	yielding := pc.Yield.Enabled
+	detach := yielding && taskPolicy.Preemption == yield.ModeCheckpoint
+
+	var m Machine
+	resumed := ""
+	if dir := latestCheckpoint(cfg); dir != "" {
+		m, err = d.hv.Restore(ctx, spec, dir)
+		if err != nil {
+			failed := filepath.Join(filepath.Dir(dir), "failed-"+filepath.Base(dir))
+			_ = os.Rename(dir, failed)
+			d.emit(cfg, "checkpoint could not be resumed, starting afresh: "+err.Error(), nil)
+			m = nil
+		} else {
+			resumed = dir
+			spec = m.Spec()
+		}
+	}
+	if m == nil {
+		m, err = d.hv.Launch(ctx, spec)
+		if err != nil {
+			return nil, nil, fmt.Errorf("start vm %s: %w", spec.Name, err)
+		}
 	}
 	h := d.newHandle(cfg, mode, spec, m, time.Now())
-	if mode == modeCommand {
-		g, err := startCommand(ctx, m, guestSpec(cfg, &tc, spec))
+	fail := func(err error) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+		_ = m.Kill()
+		<-m.Done()
+		_ = m.Close()
+		_ = m.Cleanup()
+		return nil, nil, fmt.Errorf("start vm %s: %w", spec.Name, err)
+	}
+	start := yield.VMInfo{MemoryMiB: spec.MemoryMiB}
+	switch {
+	case resumed != "":
+		if mode == modeCommand {
+			g, err := m.Guest(ctx)
+			if err != nil {
+				return fail(fmt.Errorf("reconnect to the resumed guest: %w", err))
+			}
+			h.guest = g
+		}
+		if yielding && d.ownerActive() {
+			start.Layer = yield.LayerPause
+			d.emit(cfg, "restored from checkpoint, paused while the owner is active", map[string]string{"checkpoint": filepath.Base(resumed)})
+		} else {
+			if err := m.Resume(ctx); err != nil {
+				return fail(err)
+			}
+			d.emit(cfg, "resumed from checkpoint", map[string]string{"checkpoint": filepath.Base(resumed)})
+		}
+		keep := ""
+		if mode == modeImage {
+			keep = resumed // the restored VM runs its disk from there
+		}
+		removeCheckpoints(cfg, keep)
+	case mode == modeCommand:
+		g, err := startCommand(ctx, m, guestSpec(cfg, &tc, spec, detach))
 		if err != nil {
-			_ = m.Kill()
-			<-m.Done()
-			_ = m.Close()
-			_ = m.Cleanup()
-			return nil, nil, fmt.Errorf("start vm %s: %w", spec.Name, err)
+			return fail(err)
 		}
 		h.guest = g
 	}
 
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg
-	st := taskState{TaskConfig: cfg, Mode: mode, Spec: spec, PID: m.PID(), StartedAt: h.startedAt.UnixNano()}
+	st := taskState{TaskConfig: cfg, Mode: mode, Spec: spec, PID: m.PID(), StartedAt: h.startedAt.UnixNano(),
+		Yield: yielding, Preemption: tc.Preemption}
 	if err := handle.SetDriverState(&st); err != nil {
 		_ = m.Kill()
 		return nil, nil, fmt.Errorf("encode driver state: %w", err)
 	}
 	d.tasks.Set(cfg.ID, h)
 	go h.run(d.ctx)
+	if yielding {
+		d.startYield(h, tc.Preemption, start)
+	}
 	d.logger.Info("started task", "task_id", cfg.ID, "vm", spec.Name, "pid", m.PID(), "mode", mode,
 		"accelerator", string(spec.Accelerator))
 	return handle, nil, nil
@@ -229,7 +287,12 @@ func prepareImage(ctx context.Context, pc *Config, tc *TaskConfig, spec vm.Spec)
 }
 
 // guestSpec is what the guest agent runs in command mode.
-func guestSpec(cfg *drivers.TaskConfig, tc *TaskConfig, spec vm.Spec) guestctl.Spec {
+//
+// With detach, the agent copies the shares into the guest and unmounts them before the
+// command starts, writing back what the command wrote when it ends: QEMU cannot save a VM
+// whose guest has a 9p share mounted, and a checkpointed task must be saved. The task's
+// checkpoints (local/.deskvm) and Nomad's logs (alloc/logs) stay on the host.
+func guestSpec(cfg *drivers.TaskConfig, tc *TaskConfig, spec vm.Spec, detach bool) guestctl.Spec {
 	gs := guestctl.Spec{
 		TaskID:   cfg.ID,
 		Command:  tc.Command,
@@ -242,6 +305,13 @@ func guestSpec(cfg *drivers.TaskConfig, tc *TaskConfig, spec vm.Spec) guestctl.S
 			{Tag: "secrets", Path: "/secrets"},
 			{Tag: "alloc", Path: "/alloc"},
 		},
+	}
+	if detach {
+		gs.Mounts[0].Skip = []string{checkpointRoot}
+		gs.Mounts[2].Skip = []string{"logs"}
+		for i := range gs.Mounts {
+			gs.Mounts[i].Detached = true
+		}
 	}
 	if spec.Network {
 		gs.Network = &guestctl.Network{Address: "10.0.2.15/24", Gateway: "10.0.2.2", DNS: "10.0.2.3"}

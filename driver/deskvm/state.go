@@ -20,6 +20,10 @@ type taskState struct {
 	Spec       vm.Spec
 	PID        int
 	StartedAt  int64 // unix nanoseconds
+	// Yield is true when the task's VM yields to the owner, under Preemption (the task's
+	// preemption mode, empty for the node's).
+	Yield      bool
+	Preemption string
 }
 
 // exitRecord is the guest command's exit status, saved in the VM's state dir before the guest

@@ -42,8 +42,9 @@ func runCommand(ctx context.Context, log *slog.Logger) {
 	go r.run(ctx)
 	sup := newSupervisor(log, r)
 	sup.bootedAt = bootTime()
-	g := &guest{log: log}
+	g := &guest{log: log, mnt: systemMounter()}
 	sup.setup = g.setup
+	sup.finish = g.finish
 	sup.stdio = g.stdio
 	acked := make(chan struct{})
 	var once sync.Once
@@ -158,13 +159,15 @@ func sleep(ctx context.Context, d time.Duration) error {
 // guest configures the VM for a task.
 type guest struct {
 	log *slog.Logger
+	mnt mounter
 
-	mu      sync.Mutex
-	mounted map[string]bool
-	netDone bool
-	stdout  int
-	stderr  int
-	opened  bool
+	mu       sync.Mutex
+	mounted  map[string]bool
+	detached []*detachedShare // in the order of the Spec's mounts
+	netDone  bool
+	stdout   int
+	stderr   int
+	opened   bool
 }
 
 // stdioWait bounds the wait for the stdio ports, which the host always
@@ -198,8 +201,9 @@ func (g *guest) stdio(ctx context.Context) (int, int, error) {
 	return g.stdout, g.stderr, nil
 }
 
-// setup mounts the shares, sets the hostname and configures the network. It
-// can run again after a failure: what is done is not redone.
+// setup mounts the shares (or, for detached ones, copies them into memory),
+// sets the hostname and configures the network. It can run again after a
+// failure: what is done is not redone.
 func (g *guest) setup(ctx context.Context, s guestctl.Spec) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -210,7 +214,14 @@ func (g *guest) setup(ctx context.Context, s guestctl.Spec) error {
 		if g.mounted[m.Path] {
 			continue
 		}
-		if err := mount9p(m); err != nil {
+		if m.Detached {
+			d, err := detach(ctx, m, g.mnt)
+			if err != nil {
+				return err
+			}
+			g.detached = append(g.detached, d)
+			g.log.Info("share detached", "tag", m.Tag, "path", m.Path, "entries", len(d.rec))
+		} else if err := mount9p(m); err != nil {
 			return err
 		}
 		g.mounted[m.Path] = true
@@ -229,6 +240,26 @@ func (g *guest) setup(ctx context.Context, s guestctl.Spec) error {
 		g.netDone = true
 	}
 	return nil
+}
+
+// finish writes the detached shares that are not read-only back to the
+// host once the command has ended. It goes on past a share that fails, and
+// runs once: what the command's leftovers write afterwards stays in the
+// guest.
+func (g *guest) finish(ctx context.Context) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var errs errorList
+	for _, d := range g.detached {
+		if d.mount.ReadOnly {
+			continue
+		}
+		if err := d.writeBack(ctx, g.mnt); err != nil {
+			errs.add(fmt.Errorf("copy %s back to the host: %w", d.mount.Path, err))
+		}
+	}
+	g.detached = nil
+	return errs.err()
 }
 
 func mount9p(m guestctl.Mount) error {

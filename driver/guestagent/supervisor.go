@@ -38,6 +38,12 @@ type supervisor struct {
 	// stdio opens the descriptors the command's stdout and stderr go to.
 	// Its descriptors are blocking and stay open for the agent's life.
 	stdio func(ctx context.Context) (stdout, stderr int, err error)
+	// finish runs once the command has ended (or could not start) and
+	// before its status shows as exited, e.g. to write detached shares
+	// back to the host. Its error is appended to Status.Error and turns a
+	// zero exit code into 1, so that a task whose output did not reach the
+	// host does not look successful.
+	finish func(ctx context.Context) error
 	// powerOff is called when the host has acknowledged the exit.
 	powerOff func()
 
@@ -46,6 +52,7 @@ type supervisor struct {
 	mu     sync.Mutex // guards the fields below
 	spec   *guestctl.Spec
 	status guestctl.Status
+	ended  bool          // the command's process is gone; finish may still run
 	exited chan struct{} // closed when status.State becomes exited
 }
 
@@ -59,6 +66,7 @@ func newSupervisor(log *slog.Logger, r *reaper) *supervisor {
 		status:   guestctl.Status{State: guestctl.StateWaiting},
 		exited:   make(chan struct{}),
 		setup:    func(context.Context, guestctl.Spec) error { return nil },
+		finish:   func(context.Context) error { return nil },
 		powerOff: func() {},
 	}
 }
@@ -139,18 +147,23 @@ func (s *supervisor) Start(ctx context.Context, spec guestctl.Spec) error {
 		[]uintptr{uintptr(devnull), uintptr(stdout), uintptr(stderr)},
 		&syscall.SysProcAttr{Setsid: true})
 
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.spec = &spec
 	now := time.Now()
 	var se *startError
 	if errors.As(err, &se) {
-		s.status = guestctl.Status{State: guestctl.StateExited, ExitCode: se.code, Error: se.Error(), StartedAt: now, ExitedAt: now}
-		close(s.exited)
 		unix.Write(stderr, []byte("deskvm: "+se.Error()+"\n"))
-		s.log.Info("command could not start", "task_id", spec.TaskID, "exit_code", se.code, "error", se.Error())
+		code, msg := s.settle(se.code, se.Error())
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.spec = &spec
+		s.status = guestctl.Status{State: guestctl.StateExited, ExitCode: code, Error: msg, StartedAt: now, ExitedAt: now}
+		close(s.exited)
+		s.log.Info("command could not start", "task_id", spec.TaskID, "exit_code", code, "error", msg)
 		return nil
 	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.spec = &spec
 	if err != nil {
 		s.spec = nil
 		return fmt.Errorf("start task %s: %w", spec.TaskID, err)
@@ -163,15 +176,44 @@ func (s *supervisor) Start(ctx context.Context, spec guestctl.Spec) error {
 
 func (s *supervisor) waitCommand(taskID string, pid int, ch <-chan unix.WaitStatus) {
 	ws := <-ch
+	exitedAt := time.Now()
 	code, sig := exitStatus(ws)
+	s.mu.Lock()
+	s.ended = true
+	s.mu.Unlock()
+
+	code, msg := s.settle(code, "")
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.status.State = guestctl.StateExited
 	s.status.ExitCode = code
 	s.status.Signal = sig
-	s.status.ExitedAt = time.Now()
+	s.status.Error = msg
+	s.status.ExitedAt = exitedAt
 	close(s.exited)
-	s.log.Info("command exited", "task_id", taskID, "pid", pid, "exit_code", code, "signal", sig)
+	attrs := []any{"task_id", taskID, "pid", pid, "exit_code", code, "signal", sig}
+	if msg != "" {
+		attrs = append(attrs, "error", msg)
+	}
+	s.log.Info("command exited", attrs...)
+}
+
+// settle runs finish after the command has ended and folds its failure into
+// the exit code and error text the command ended with.
+func (s *supervisor) settle(code int, msg string) (int, string) {
+	// Not bounded by any request's context: the host waits for the exit
+	// status, and a write-back cut short would lose the task's output.
+	err := s.finish(context.Background())
+	if err == nil {
+		return code, msg
+	}
+	if msg != "" {
+		msg += "; "
+	}
+	if code == 0 {
+		code = 1
+	}
+	return code, msg + err.Error()
 }
 
 // Status returns the command's status.
@@ -197,6 +239,10 @@ func (s *supervisor) Signal(_ context.Context, sig syscall.Signal) error {
 	defer s.mu.Unlock()
 	if s.status.State != guestctl.StateRunning {
 		return fmt.Errorf("signal %d: command is %s: %w", sig, s.status.State, guestctl.ErrNotRunning)
+	}
+	if s.ended {
+		// The process group may be gone and its id reused.
+		return fmt.Errorf("signal %d: command has ended and its shares are being written back: %w", sig, guestctl.ErrNotRunning)
 	}
 	// Under the lock, so the pid cannot have been reaped and reused.
 	err := unix.Kill(-s.status.Pid, sig)

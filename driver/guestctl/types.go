@@ -24,6 +24,33 @@ type Mount struct {
 	Tag      string `json:"tag"`
 	Path     string `json:"path"`
 	ReadOnly bool   `json:"read_only,omitempty"`
+
+	// Detached makes the share a copy in guest memory rather than a live
+	// mount, because QEMU refuses to save (checkpoint or migrate) a VM
+	// while the guest has a 9p share mounted. Before the command starts
+	// the agent copies the share's tree (regular files, directories and
+	// symlinks, with their modes and mtimes; no special files) into a
+	// tmpfs at Path and unmounts the share. When the command has ended,
+	// and before its exit shows as exited, the agent mounts the share
+	// again and, unless ReadOnly, writes back every file, directory and
+	// symlink that is new or whose size, mode or mtime changed, then
+	// unmounts it. Deletions are not propagated: a file the command
+	// removed stays on the host. Changes made on the host after the start
+	// are not seen by the guest, and an unchanged file keeps the host's
+	// version. The contents must fit in guest memory (a tmpfs holds at
+	// most half of it). A failed write-back is appended to Status.Error
+	// and turns an exit code of 0 into 1.
+	Detached bool `json:"detached,omitempty"`
+	// Skip lists slash-separated paths relative to the share's root, such
+	// as "logs" or ".deskvm", that a Detached mount neither copies in nor
+	// writes back; a name covers everything beneath it. It keeps out
+	// what the host writes while the task runs (Nomad's log files) and
+	// what the guest must not change: write-back never creates or
+	// replaces anything under a skipped name, and never writes through a
+	// symlink, so a guest cannot plant files there. Skip is ignored for a
+	// share that is not Detached, since the guest then sees the share
+	// itself.
+	Skip []string `json:"skip,omitempty"`
 }
 
 // Network is the static configuration of the guest's first network interface,

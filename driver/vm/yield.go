@@ -480,3 +480,19 @@ func (m *Machine) Resume(ctx context.Context) error {
 	}
 	return nil
 }
+
+// Paused reports whether the guest's vCPUs are stopped (QMP query-status not "running"), as
+// after Pause, or for a restored VM not yet resumed.
+func (m *Machine) Paused(ctx context.Context) (bool, error) {
+	mon, err := m.Monitor()
+	if err != nil {
+		return false, err
+	}
+	var st struct {
+		Running bool `json:"running"`
+	}
+	if err := mon.Execute(ctx, "query-status", nil, &st); err != nil {
+		return false, fmt.Errorf("vm %s: query status: %w", m.spec.Name, err)
+	}
+	return !st.Running, nil
+}

@@ -37,6 +37,9 @@ type Options struct {
 	SerfPort   int
 	LogLevel   string
 	NomadBin   string
+	// DeskvmConfig is HCL added to the deskvm plugin's config block, such as a yield or owner
+	// block.
+	DeskvmConfig string
 	// StopWithParent stops the agent (SIGINT) when the process that started it dies, even by
 	// a panic that skips cleanup: for tests. make dev leaves it unset so the agent outlives it.
 	StopWithParent bool

@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -66,7 +67,12 @@ func agent(t *testing.T) *cluster.Agent {
 			agentErr = err
 			return
 		}
-		o, err := cluster.Defaults(cluster.Options{Name: "deskcloud-e2e", Dir: dir, StateDir: state, StopWithParent: true})
+		// Yield is off on the shared agent: tests of other features must not depend on what
+		// else this machine runs. The owner is still sensed, for the node's attributes.
+		// yield_test.go runs an agent of its own with yield on.
+		o, err := cluster.Defaults(cluster.Options{Name: "deskcloud-e2e", Dir: dir, StateDir: state, StopWithParent: true,
+			DeskvmConfig: fmt.Sprintf("    yield {\n      enabled = false\n    }\n    owner {\n      sources        = [\"proc\"]\n      forecast_state = %q\n    }",
+				filepath.Join(dir, "forecast.model"))})
 		if err != nil {
 			agentErr = err
 			return

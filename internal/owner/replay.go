@@ -231,6 +231,9 @@ type ReplayConfig struct {
 	Clock Clock
 	// Start, unless zero, shifts every timestamp so the trace begins at Start.
 	Start time.Time
+	// StartNow, when Start is zero, shifts every timestamp so the trace begins when its first
+	// row is read: for a trace file played live, or a named pipe written as a test goes.
+	StartNow bool
 }
 
 // Replay is a [Source] that plays a trace, for tests, demos and simulators. Its samples carry
@@ -273,8 +276,11 @@ func (rp *Replay) Run(ctx context.Context, emit func(Sample)) error {
 		}
 		if n == 0 {
 			traceStart, clockStart = s.Time, rp.cfg.Clock.Now()
-			if !rp.cfg.Start.IsZero() {
+			switch {
+			case !rp.cfg.Start.IsZero():
 				shift = rp.cfg.Start.Sub(traceStart)
+			case rp.cfg.StartNow:
+				shift = clockStart.Sub(traceStart)
 			}
 		}
 		if rp.cfg.Speed > 0 {

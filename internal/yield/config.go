@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/deskcloud/deskcloud/internal/owner"
@@ -197,17 +198,24 @@ type durationKey struct {
 // The driver decodes its "yield" block into it (the codec tags are the keys) and calls
 // Policy.
 type Config struct {
-	CPUIdleBelow      float64 `codec:"cpu_idle_below"`
-	CPUBusyAbove      float64 `codec:"cpu_busy_above"`
-	LoadWindow        string  `codec:"load_window"`
-	InputActiveWithin string  `codec:"input_active_within"`
-	AwayAfter         string  `codec:"away_after"`
-	LockedIsAway      bool    `codec:"locked_is_away"`
-	SettleAfter       string  `codec:"settle_after"`
+	// Enabled turns yielding on; off, VMs run at normal priority and the owner is only sensed
+	// (for the node's fingerprint and forecast). Policy ignores it.
+	Enabled bool `codec:"enabled"`
+
+	// CPUIdleBelow and CPUBusyAbove are loads from 0 to 1, held as text: Nomad hands a
+	// plugin config's fractions that float64 cannot hold exactly (0.3) over as strings, and
+	// the driver's spec declares them strings so that HCL numbers and strings both arrive.
+	CPUIdleBelow      string `codec:"cpu_idle_below"`
+	CPUBusyAbove      string `codec:"cpu_busy_above"`
+	LoadWindow        string `codec:"load_window"`
+	InputActiveWithin string `codec:"input_active_within"`
+	AwayAfter         string `codec:"away_after"`
+	LockedIsAway      bool   `codec:"locked_is_away"`
+	SettleAfter       string `codec:"settle_after"`
 
 	// CPUCapSteps are the cpu_cap_step blocks; none means the default steps.
-	CPUCapSteps     []CapStep `codec:"cpu_cap_step"`
-	CapRecoverAfter string    `codec:"cap_recover_after"`
+	CPUCapSteps     []ConfigCapStep `codec:"cpu_cap_step"`
+	CapRecoverAfter string          `codec:"cap_recover_after"`
 
 	MemoryLowWater       int    `codec:"memory_low_water"`
 	MemoryHighWater      int    `codec:"memory_high_water"`
@@ -223,19 +231,26 @@ type Config struct {
 	PreemptionModes []string `codec:"preemption_modes"`
 }
 
+// ConfigCapStep is a cpu_cap_step block: a CapStep with its load as text (see
+// Config.CPUIdleBelow).
+type ConfigCapStep struct {
+	LoadAbove string `codec:"load_above"`
+	Percent   int    `codec:"percent"`
+}
+
 // DefaultConfig returns the defaults of DefaultPolicy as config values, for the driver's
 // config spec.
 func DefaultConfig() Config {
 	p := DefaultPolicy()
 	c := Config{
-		CPUIdleBelow:         p.Owner.CPUIdleBelow,
-		CPUBusyAbove:         p.Owner.CPUBusyAbove,
+		Enabled:              true,
+		CPUIdleBelow:         formatFloat(p.Owner.CPUIdleBelow),
+		CPUBusyAbove:         formatFloat(p.Owner.CPUBusyAbove),
 		LoadWindow:           owner.FormatDuration(p.Owner.LoadWindow),
 		InputActiveWithin:    owner.FormatDuration(p.Owner.InputActiveWithin),
 		AwayAfter:            owner.FormatDuration(p.Owner.AwayAfter),
 		LockedIsAway:         p.Owner.LockedIsAway,
 		SettleAfter:          owner.FormatDuration(p.Owner.SettleAfter),
-		CPUCapSteps:          p.CPUCapSteps,
 		CapRecoverAfter:      owner.FormatDuration(p.CapRecoverAfter),
 		MemoryLowWater:       p.MemoryLowWaterMiB,
 		MemoryHighWater:      p.MemoryHighWaterMiB,
@@ -250,6 +265,9 @@ func DefaultConfig() Config {
 	for _, m := range p.PreemptionModes {
 		c.PreemptionModes = append(c.PreemptionModes, string(m))
 	}
+	for _, st := range p.CPUCapSteps {
+		c.CPUCapSteps = append(c.CPUCapSteps, ConfigCapStep{LoadAbove: formatFloat(st.LoadAbove), Percent: st.Percent})
+	}
 	return c
 }
 
@@ -257,24 +275,31 @@ func DefaultConfig() Config {
 // all of them are joined.
 func (c Config) Policy() (Policy, error) {
 	p := Policy{
-		Owner: owner.Thresholds{
-			CPUIdleBelow: c.CPUIdleBelow,
-			CPUBusyAbove: c.CPUBusyAbove,
-			LockedIsAway: c.LockedIsAway,
-		},
-		CPUCapSteps:        slices.Clone(c.CPUCapSteps),
+		Owner:              owner.Thresholds{LockedIsAway: c.LockedIsAway},
 		MemoryLowWaterMiB:  c.MemoryLowWater,
 		MemoryHighWaterMiB: c.MemoryHighWater,
 		MemoryFloorMiB:     c.MemoryFloor,
 		Preemption:         Mode(c.Preemption),
 	}
-	if len(p.CPUCapSteps) == 0 {
-		p.CPUCapSteps = DefaultPolicy().CPUCapSteps
-	}
 	for _, m := range c.PreemptionModes {
 		p.PreemptionModes = append(p.PreemptionModes, Mode(m))
 	}
 	var errs []error
+	load := func(key, val string) float64 {
+		f, err := strconv.ParseFloat(strings.TrimSpace(val), 64)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s must be a load from 0 to 1, got %q", key, val))
+		}
+		return f
+	}
+	p.Owner.CPUIdleBelow = load("cpu_idle_below", c.CPUIdleBelow)
+	p.Owner.CPUBusyAbove = load("cpu_busy_above", c.CPUBusyAbove)
+	for i, st := range c.CPUCapSteps {
+		p.CPUCapSteps = append(p.CPUCapSteps, CapStep{LoadAbove: load(fmt.Sprintf("cpu_cap_step[%d].load_above", i), st.LoadAbove), Percent: st.Percent})
+	}
+	if len(c.CPUCapSteps) == 0 {
+		p.CPUCapSteps = DefaultPolicy().CPUCapSteps
+	}
 	parse := func(key, val string, dst *time.Duration) {
 		d, err := time.ParseDuration(val)
 		if err != nil {

@@ -37,7 +37,7 @@ func TestConfigPolicyErrors(t *testing.T) {
 			`checkpoint_after must be a duration such as "30s" or "2m", got "10"`,
 		}},
 		{"negative duration", func(c *Config) { c.CapRecoverAfter = "-30s" }, []string{`cap_recover_after must be zero or more, got "-30s"`}},
-		{"owner key", func(c *Config) { c.CPUBusyAbove = 7 }, []string{`cpu_busy_above must be a load from 0 to 1, got "7"`}},
+		{"owner key", func(c *Config) { c.CPUBusyAbove = "7" }, []string{`cpu_busy_above must be a load from 0 to 1, got "7"`}},
 		{"unknown mode", func(c *Config) { c.Preemption = "hibernate" }, []string{`preemption must be one of ["checkpoint" "suspend" "restart"], got "hibernate"`}},
 		{"mode not allowed on node", func(c *Config) { c.PreemptionModes = []string{"suspend", "restart"} }, []string{`preemption must be one of preemption_modes ["suspend" "restart"], got "checkpoint"`}},
 		{"no modes", func(c *Config) { c.PreemptionModes = nil }, []string{`preemption_modes must name at least one of ["checkpoint" "suspend" "restart"], got none`}},
@@ -50,7 +50,7 @@ func TestConfigPolicyErrors(t *testing.T) {
 			`memory_floor must be zero or more MiB, got "-1"`,
 		}},
 		{"cap steps", func(c *Config) {
-			c.CPUCapSteps = []CapStep{{LoadAbove: 0.2, Percent: 50}, {LoadAbove: 0.1, Percent: 60}, {LoadAbove: 2, Percent: 0}}
+			c.CPUCapSteps = []ConfigCapStep{{LoadAbove: "0.2", Percent: 50}, {LoadAbove: "0.1", Percent: 60}, {LoadAbove: "2", Percent: 0}}
 		}, []string{
 			`cpu_cap_step[1].load_above must be above the step before's (0.2), got "0.1"`,
 			`cpu_cap_step[1].percent must be below the step before's (50), got "60"`,
@@ -82,7 +82,7 @@ func TestConfigCapStepsDefault(t *testing.T) {
 	must.NoError(t, err)
 	must.Eq(t, DefaultPolicy().CPUCapSteps, p.CPUCapSteps)
 
-	c.CPUCapSteps = []CapStep{{LoadAbove: 0, Percent: 100}} // never cap
+	c.CPUCapSteps = []ConfigCapStep{{LoadAbove: "0", Percent: 100}} // never cap
 	p, err = c.Policy()
 	must.NoError(t, err)
 	must.SliceLen(t, 1, p.CPUCapSteps)

@@ -45,6 +45,11 @@ func options() (cluster.Options, error) {
 		Dir:      filepath.Join(root, ".dev"),
 		HTTPPort: 4646, RPCPort: 4647, SerfPort: 4648,
 		LogLevel: "INFO",
+		// Yield is on, sensing the owner's keyboard, mouse and screen lock. CPU sensing
+		// ("proc") is left out here: on a build or CI machine every compile is the
+		// "owner", and the demo job would spend its life capped. Add it on a desktop.
+		DeskvmConfig: fmt.Sprintf("    owner {\n      sources        = [\"input\", \"logind\"]\n      forecast_state = %q\n    }",
+			filepath.Join(root, ".dev", "forecast.model")),
 	})
 }
 
