@@ -28,7 +28,7 @@ job "checkpoint" {
     reschedule {
       attempts       = 5
       interval       = "1h"
-      delay          = "2s"
+      delay          = "5s"
       delay_function = "constant"
       unlimited      = false
     }

@@ -178,7 +178,7 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	d.tasks.Set(handle.Config.ID, h)
 	go h.run(d.ctx)
 	if st.Yield {
-		d.startYield(h, st.Preemption, vmInfo(ctx, m, st.Spec.MemoryMiB))
+		d.startYield(h, st.Preemption, vmInfo(ctx, m, st.Spec.MemoryMiB), true)
 	}
 	d.logger.Info("recovered task", "task_id", handle.Config.ID, "vm", st.Spec.Name, "pid", st.PID)
 	return nil
@@ -186,7 +186,7 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 
 // startYield runs the task's yield loop under the node's policy narrowed to the task's
 // preemption mode, which StartTask has validated.
-func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo) {
+func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo, announce bool) {
 	d.mu.RLock()
 	policy, sensor := d.policy, d.owner
 	d.mu.RUnlock()
@@ -197,7 +197,7 @@ func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo
 	}
 	d.excludeVMs()
 	go func() {
-		h.runYield(d.ctx, sensor, p, start)
+		h.runYield(d.ctx, sensor, p, start, announce)
 		<-h.doneCh
 		d.excludeVMs()
 	}()

@@ -106,13 +106,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	start := yield.VMInfo{MemoryMiB: spec.MemoryMiB}
 	switch {
 	case resumed != "":
-		if mode == modeCommand {
-			g, err := m.Guest(ctx)
-			if err != nil {
-				return fail(fmt.Errorf("reconnect to the resumed guest: %w", err))
-			}
-			h.guest = g
-		}
+		// The run loop connects to the guest agent once the VM runs: a paused guest cannot
+		// answer.
 		if yielding && d.ownerActive() {
 			start.Layer = yield.LayerPause
 			d.emit(cfg, "restored from checkpoint, paused while the owner is active", map[string]string{"checkpoint": filepath.Base(resumed)})
@@ -146,7 +141,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	d.tasks.Set(cfg.ID, h)
 	go h.run(d.ctx)
 	if yielding {
-		d.startYield(h, tc.Preemption, start)
+		d.startYield(h, tc.Preemption, start, resumed == "")
 	}
 	d.logger.Info("started task", "task_id", cfg.ID, "vm", spec.Name, "pid", m.PID(), "mode", mode,
 		"accelerator", string(spec.Accelerator))

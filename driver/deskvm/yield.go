@@ -48,8 +48,9 @@ type yieldStatus struct {
 }
 
 // runYield follows the owner for this task's VM and applies the decisions, until the VM
-// exits or ctx ends. start is the layer the VM is in now.
-func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.Policy, start yield.VMInfo) {
+// exits or ctx ends. start is the layer the VM is in now; announce reports it as a task
+// event (StartTask reports a VM restored from a checkpoint itself).
+func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.Policy, start yield.VMInfo, announce bool) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
@@ -74,7 +75,9 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 
 	d := yield.NewDecider(p, start)
 	h.setYield(d.Decision())
-	h.events(d.Decision().Reason, nil)
+	if announce {
+		h.events(d.Decision().Reason, nil)
+	}
 	paused := start.Layer >= yield.LayerPause
 	guest := yield.Guest{BalloonMiB: start.MemoryMiB}
 	if start.BalloonMiB > 0 {

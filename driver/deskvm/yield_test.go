@@ -182,3 +182,51 @@ func TestDriver_YieldRestart(t *testing.T) {
 	must.NoError(t, err)
 	must.Eq(t, drivers.TaskStateExited, st.State)
 }
+
+// TestDriver_YieldRecover: a driver restart while the VM is capped and paused finds it as it
+// was, and the new driver carries on from that layer: it resumes the VM once the owner has
+// been gone for resume_after.
+func TestDriver_YieldRecover(t *testing.T) {
+	b := fakeBackend()
+	hv := newFakeHypervisor(t)
+	pipe1 := newOwnerPipe(t)
+	cfg1 := yieldConfig(t, pipe1.path, "suspend")
+	h1, d1 := newHarness(t, b, hv, cfg1)
+	task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", "while :; do sleep 0.1; done"}})
+	handle, _ := start(t, h1, task)
+	pipe1.open()
+	pipe1.play(8, 95, 0)
+	waitFor(t, 10*time.Second, "the vm paused", func() bool {
+		st, err := h1.InspectTask(handle.Config.ID)
+		return err == nil && st.DriverAttributes["layer"] == yield.LayerPause.String()
+	})
+
+	d1.Shutdown()
+	h1.Kill()
+
+	pipe2 := newOwnerPipe(t)
+	cfg2 := yieldConfig(t, pipe2.path, "suspend")
+	cfg2.StateDir = cfg1.StateDir
+	h2, d2 := newHarness(t, b, hv, cfg2)
+	events := collectEvents(t, d2)
+	must.NoError(t, h2.RecoverTask(handle))
+	st, err := h2.InspectTask(handle.Config.ID)
+	must.NoError(t, err)
+	waitFor(t, 10*time.Second, "the recovered layer", func() bool {
+		st, err = h2.InspectTask(handle.Config.ID)
+		return err == nil && st.DriverAttributes["layer"] == yield.LayerPause.String()
+	})
+	must.Eq(t, "10", st.DriverAttributes["cpu_cap_percent"], must.Sprint("the cap is read back from the vm"))
+	waitFor(t, 10*time.Second, "the recovered event", func() bool { return events.has("recovered: pause") })
+	var m *fakeMachine
+	for _, fm := range hv.machines {
+		m = fm
+	}
+	_, _, _, paused := m.yieldState()
+	must.True(t, paused, must.Sprint("recovering must not resume a paused vm"))
+
+	pipe2.open()
+	pipe2.play(8, 0, 3600) // gone past resume_after
+	waitFor(t, 10*time.Second, "the vm resumed", func() bool { _, _, _, p := m.yieldState(); return !p })
+	must.NoError(t, h2.StopTask(handle.Config.ID, time.Second, "SIGKILL"))
+}

@@ -160,6 +160,29 @@ func TestFingerprint(t *testing.T) {
 	must.NotEq(t, "", node.Attributes["driver.deskvm.qemu_version"])
 	must.NotEq(t, "", node.Attributes["driver.deskvm.version"])
 	t.Logf("deskvm fingerprint: accelerator=%s qemu=%s", accel, node.Attributes["driver.deskvm.qemu_version"])
+
+	// The owner's state and forecast, coarse: the shared agent senses this machine's CPU.
+	deadline := time.Now().Add(90 * time.Second)
+	for node.Attributes["driver.deskvm.owner.state"] == "" || node.Attributes["driver.deskvm.forecast.return_15m"] == "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("no owner or forecast attributes within 90s; attributes: %v", node.Attributes)
+		}
+		time.Sleep(time.Second)
+		node, _, err = a.Client.Nodes().Info(id, nil)
+		must.NoError(t, err)
+	}
+	state := node.Attributes["driver.deskvm.owner.state"]
+	must.True(t, state == "away" || state == "idle" || state == "active", must.Sprintf("owner.state must be away, idle or active, got %q", state))
+	p, err := strconv.ParseFloat(node.Attributes["driver.deskvm.forecast.return_15m"], 64)
+	must.NoError(t, err)
+	must.True(t, p >= 0 && p <= 1, must.Sprintf("forecast.return_15m must be a probability, got %v", p))
+	_, err = strconv.Atoi(node.Attributes["driver.deskvm.harvestable.cpu"])
+	must.NoError(t, err, must.Sprint("harvestable.cpu must be a whole number of cores"))
+	for k, v := range node.Attributes {
+		if strings.HasPrefix(k, "driver.deskvm.owner.") || strings.HasPrefix(k, "driver.deskvm.forecast.") || strings.HasPrefix(k, "driver.deskvm.harvestable.") {
+			t.Logf("%s = %s", k, v)
+		}
+	}
 }
 
 func TestHelloJob(t *testing.T) {

@@ -21,7 +21,10 @@ import (
 //	2026-03-02T09:00:00.5Z,41,9830,0,false
 //
 // The first line that is not a comment is a header naming the columns, in any order. The
-// five above are required; mem_total_mib and session may follow. Values:
+// five above are required; mem_total_mib and session may follow. A trace whose first line is
+// already a row (its first cell a timestamp) has no header and its columns in the order
+// above, all seven or the first five: a reader joining a named pipe midway starts at a row.
+// Values:
 //
 //   - timestamp: RFC 3339, with a fraction of a second if wanted; rows must not go back in time.
 //   - cpu_percent: the owner's CPU, deskcloud's VMs excluded, as a percentage of all cores
@@ -56,6 +59,10 @@ type TraceReader struct {
 	csv  *csv.Reader
 	col  [7]int // index of each traceColumns entry in a record, -1 if absent
 	last time.Time
+	// first is the first row of a trace without a header, read while looking for one, and
+	// firstLine its line number.
+	first     []string
+	firstLine int
 }
 
 // NewTraceReader reads the header of the trace in r and returns a reader of its samples.
@@ -78,6 +85,19 @@ func NewTraceReader(r io.Reader) (*TraceReader, error) {
 	for i := range tr.col {
 		tr.col[i] = -1
 	}
+	if _, err := time.Parse(time.RFC3339Nano, header[0]); err == nil {
+		n := len(header)
+		if n != requiredColumns && n != len(traceColumns) {
+			return nil, fmt.Errorf("trace line 1: a trace without a header needs %d or %d columns in the documented order, got %d", requiredColumns, len(traceColumns), n)
+		}
+		for j := range n {
+			tr.col[j] = j
+		}
+		tr.first = slices.Clone(header)
+		tr.firstLine, _ = cr.FieldPos(0)
+		cr.FieldsPerRecord = n
+		return tr, nil
+	}
 	for i, name := range header {
 		j := slices.Index(traceColumns, name)
 		switch {
@@ -99,11 +119,17 @@ func NewTraceReader(r io.Reader) (*TraceReader, error) {
 
 // Next returns the next sample, or io.EOF after the last one. Errors name the line.
 func (tr *TraceReader) Next() (Sample, error) {
-	rec, err := tr.csv.Read()
-	if err != nil {
-		return Sample{}, err
+	var rec []string
+	var line int
+	if tr.first != nil {
+		rec, line, tr.first = tr.first, tr.firstLine, nil
+	} else {
+		var err error
+		if rec, err = tr.csv.Read(); err != nil {
+			return Sample{}, err
+		}
+		line, _ = tr.csv.FieldPos(0)
 	}
-	line, _ := tr.csv.FieldPos(0)
 	s, err := tr.parse(rec)
 	if err != nil {
 		return Sample{}, fmt.Errorf("trace line %d: %w", line, err)

@@ -154,3 +154,22 @@ func TestReplayErrors(t *testing.T) {
 		})
 	}
 }
+
+func TestTraceReaderWithoutHeader(t *testing.T) {
+	trace := "# joined midway\n2026-03-02T09:00:00Z,41,9830,0,false\n2026-03-02T09:00:01Z,,,2.5,\n"
+	tr, err := NewTraceReader(strings.NewReader(trace))
+	must.NoError(t, err)
+	s, err := tr.Next()
+	must.NoError(t, err)
+	must.Eq(t, 0.41, s.CPU)
+	must.Eq(t, 9830, s.MemAvailableMiB)
+	s, err = tr.Next()
+	must.NoError(t, err)
+	must.Eq(t, HasInput, s.Has, must.Sprint("empty cells stay unobserved"))
+	must.Eq(t, 2500*time.Millisecond, s.InputIdle)
+	_, err = tr.Next()
+	must.ErrorIs(t, err, io.EOF)
+
+	_, err = NewTraceReader(strings.NewReader("2026-03-02T09:00:00Z,41,9830\n"))
+	must.ErrorContains(t, err, "trace line 1: a trace without a header needs 5 or 7 columns in the documented order, got 3")
+}

@@ -1,0 +1,327 @@
+package deskvm_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/deskcloud/deskcloud/e2e/cluster"
+	"github.com/hashicorp/nomad/api"
+	"github.com/shoenig/test/must"
+)
+
+// yieldSteps is how many steps the checkpoint job counts. Under TCG a step takes about 0.1 s
+// with the VM to itself; capped and idle-class beside the owner it makes next to no progress,
+// so the job is still running when the checkpoint comes.
+const yieldSteps = 300
+
+// yieldAgentConfig is the deskvm config of the yield agent: the owner's CPU sensed for real,
+// input replayed from a named pipe, and a policy with times short enough for a test.
+const yieldAgentConfig = `    yield {
+      cpu_idle_below      = 0.5
+      cpu_busy_above      = 0.8
+      load_window         = "1s"
+      settle_after        = "2s"
+      input_active_within = "5s"
+      away_after          = "10s"
+      cap_recover_after   = "2s"
+      suspend_after       = "4s"
+      resume_after        = "3s"
+      checkpoint_after    = "8s"
+    }
+    owner {
+      sources        = ["proc"]
+      replay_file    = %q
+      forecast_state = %q
+    }`
+
+// inputTrace writes the owner's input idle time to the driver's replay pipe twice a second:
+// 0 while the owner is at the keyboard, growing from an hour while they are away.
+type inputTrace struct {
+	mu       sync.Mutex
+	present  bool
+	leftAt   time.Time
+	stopOnce sync.Once
+	stop     chan struct{}
+	done     chan struct{}
+}
+
+func startInputTrace(t *testing.T, pipe string) *inputTrace {
+	tr := &inputTrace{leftAt: time.Now().Add(-time.Hour), stop: make(chan struct{}), done: make(chan struct{})}
+	opened := make(chan struct{})
+	var openOnce sync.Once
+	go func() {
+		defer close(tr.done)
+		for {
+			// Nomad may start the plugin more than once (a short-lived instance checks its
+			// config), so the pipe's reader can go away; open it again for the next one.
+			f, err := os.OpenFile(pipe, os.O_WRONLY, 0)
+			if err != nil {
+				return
+			}
+			openOnce.Do(func() { close(opened) })
+			err = tr.write(f)
+			f.Close()
+			if err == nil {
+				return // stopped
+			}
+		}
+	}()
+	select {
+	case <-opened:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the deskvm plugin never opened its owner replay pipe")
+	}
+	t.Cleanup(tr.close)
+	return tr
+}
+
+// write writes a sample twice a second until stopped (nil) or the reader goes (an error).
+// Rows have no header, so a reader that joins midway reads them as well.
+func (tr *inputTrace) write(f *os.File) error {
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		tr.mu.Lock()
+		idle := 0.0
+		if !tr.present {
+			idle = time.Since(tr.leftAt).Seconds()
+		}
+		tr.mu.Unlock()
+		// CPU and memory are left empty: the proc source senses them for real.
+		if _, err := fmt.Fprintf(f, "%s,,,%.1f,\n", time.Now().UTC().Format(time.RFC3339Nano), idle); err != nil {
+			return err
+		}
+		select {
+		case <-tr.stop:
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+func (tr *inputTrace) setPresent(on bool) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if tr.present && !on {
+		tr.leftAt = time.Now()
+	}
+	tr.present = on
+}
+
+func (tr *inputTrace) close() {
+	tr.stopOnce.Do(func() { close(tr.stop) })
+	select {
+	case <-tr.done:
+	case <-time.After(5 * time.Second): // blocked opening a pipe nobody reads any more
+	}
+}
+
+// ownerLoad is a real owner workload: one busy process per core, killed by pid.
+type ownerLoad struct{ cmds []*exec.Cmd }
+
+func startOwnerLoad(t *testing.T) *ownerLoad {
+	l := &ownerLoad{}
+	for range runtime.NumCPU() {
+		cmd := exec.Command("/bin/sh", "-c", "while :; do :; done")
+		must.NoError(t, cmd.Start())
+		l.cmds = append(l.cmds, cmd)
+	}
+	t.Cleanup(l.stop)
+	return l
+}
+
+func (l *ownerLoad) stop() {
+	for _, c := range l.cmds {
+		_ = c.Process.Signal(syscall.SIGKILL)
+		_ = c.Wait()
+	}
+	l.cmds = nil
+}
+
+// chain is the checkpoint job's result computed here: step i hashes the previous hash and i.
+func chain(n int) (lines []string, result string) {
+	h := "seed"
+	for i := 1; i <= n; i++ {
+		sum := sha256.Sum256([]byte(h + " " + strconv.Itoa(i)))
+		h = hex.EncodeToString(sum[:])[:16]
+		lines = append(lines, fmt.Sprintf("step %d %s", i, h))
+	}
+	return lines, h
+}
+
+// TestYieldCheckpointResume runs jobs/checkpoint.nomad.hcl on an agent that yields to a real
+// owner workload and a replayed input trace: the VM is capped, paused and checkpointed, the
+// task is rescheduled and resumes from the checkpoint, and the job's output is exactly that
+// of an undisturbed run.
+func TestYieldCheckpointResume(t *testing.T) {
+	agent(t) // skips where the machine cannot run e2e
+	agentMu.Lock()
+	defer agentMu.Unlock()
+
+	dir, err := os.MkdirTemp("", "deskcloud-e2e-yield-")
+	must.NoError(t, err)
+	state, err := os.MkdirTemp("/tmp", "dvm-y")
+	must.NoError(t, err)
+	pipe := filepath.Join(dir, "owner-input.fifo")
+	must.NoError(t, syscall.Mkfifo(pipe, 0o600))
+	o, err := cluster.Defaults(cluster.Options{
+		Name: "deskcloud-e2e-yield", Dir: dir, StateDir: state, StopWithParent: true,
+		DeskvmConfig: fmt.Sprintf(yieldAgentConfig, pipe, filepath.Join(dir, "forecast.model")),
+	})
+	must.NoError(t, err)
+	a, err := cluster.Start(o)
+	must.NoError(t, err)
+	t.Cleanup(func() {
+		jobs, _, _ := a.Client.Jobs().List(nil)
+		for _, j := range jobs {
+			_, _, _ = a.Client.Jobs().Deregister(j.ID, true, nil)
+		}
+		_ = a.Stop(30 * time.Second)
+		if !t.Failed() {
+			os.RemoveAll(dir)
+			os.RemoveAll(state)
+		} else {
+			t.Logf("yield agent dir kept at %s", dir)
+		}
+	})
+	input := startInputTrace(t, pipe)
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	must.NoError(t, a.WaitReady(ctx))
+
+	job := runJob(t, a, "jobs/checkpoint.nomad.hcl", func(j *api.Job) {
+		j.TaskGroups[0].Tasks[0].Config["args"] = []string{strconv.Itoa(yieldSteps)}
+	})
+	first := waitAlloc(t, a, job, "the count task running", 3*time.Minute, cluster.Running("count"))
+	waitLogs(t, a, first, "step 10 ", 2*time.Minute)
+
+	// The owner comes back: their programs take every core, then they type.
+	load := startOwnerLoad(t)
+	first = waitEvent(t, a, first.ID, "CPU capped at", time.Minute)
+	input.setPresent(true)
+	first = waitEvent(t, a, first.ID, "paused", time.Minute)
+	first = waitEvent(t, a, first.ID, "checkpointed", 2*time.Minute)
+
+	// The owner leaves; Nomad reschedules the task, which resumes from the checkpoint.
+	load.stop()
+	input.setPresent(false)
+	second := waitSecondAlloc(t, a, *job.ID, first.ID, 5*time.Minute)
+	events := cluster.Events(second, "count")
+	must.True(t, slices.ContainsFunc(events, func(e string) bool { return strings.Contains(e, "from checkpoint") }),
+		must.Sprintf("the new allocation must resume from the checkpoint; events: %q", events))
+	must.Eq(t, api.AllocClientStatusComplete, second.ClientStatus, must.Sprintf("events: %q", events))
+
+	// Byte-identical output: every step exactly once, in order, across the two
+	// allocations' logs, and the result file an undisturbed run writes.
+	out1, err := a.Logs(first, "count", "stdout")
+	must.NoError(t, err)
+	out2, err := a.Logs(second, "count", "stdout")
+	must.NoError(t, err)
+	want, result := chain(yieldSteps)
+	got := stepLines(out1 + out2)
+	must.Eq(t, want, got, must.Sprint("the steps across both allocations must be those of an undisturbed run"))
+	before := len(stepLines(out1))
+	must.Positive(t, before, must.Sprint("the first allocation did some work before the checkpoint"))
+	t.Logf("checkpointed after step %d of %d; the resumed VM went on from step %d (0 steps redone)", before, yieldSteps, before+1)
+	r, err := a.Client.AllocFS().Cat(second, "alloc/data/result", nil)
+	must.NoError(t, err)
+	b, err := io.ReadAll(r)
+	r.Close()
+	must.NoError(t, err)
+	must.Eq(t, result+"\n", string(b), must.Sprint("the result file must equal an undisturbed run's"))
+	for _, e := range cluster.Events(first, "count") {
+		t.Logf("first allocation: %s", e)
+	}
+	for _, e := range events {
+		t.Logf("second allocation: %s", e)
+	}
+}
+
+func stepLines(out string) []string {
+	var lines []string
+	for l := range strings.SplitSeq(out, "\n") {
+		if strings.HasPrefix(l, "step ") {
+			lines = append(lines, l)
+		}
+	}
+	return lines
+}
+
+// waitLogs waits until the task's stdout contains sub.
+func waitLogs(t *testing.T, a *cluster.Agent, alloc *api.Allocation, sub string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		out, _ := a.Logs(alloc, "count", "stdout")
+		if strings.Contains(out, sub) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stdout of %s never showed %q within %s; it holds:\n%s", alloc.ID, sub, timeout, out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// waitEvent waits for a task event of the count task containing sub and returns the
+// allocation as it then is.
+func waitEvent(t *testing.T, a *cluster.Agent, allocID, sub string, timeout time.Duration) *api.Allocation {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		alloc, _, err := a.Client.Allocations().Info(allocID, nil)
+		if err == nil {
+			for _, e := range cluster.Events(alloc, "count") {
+				if strings.Contains(e, sub) {
+					return alloc
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			var events []string
+			if alloc != nil {
+				events = cluster.Events(alloc, "count")
+			}
+			t.Fatalf("no task event %q within %s; events: %q", sub, timeout, events)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// waitSecondAlloc waits for the job's allocation that replaced prev to end.
+func waitSecondAlloc(t *testing.T, a *cluster.Agent, jobID, prev string, timeout time.Duration) *api.Allocation {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		stubs, _, err := a.Client.Jobs().Allocations(jobID, true, nil)
+		if err == nil {
+			for _, s := range stubs {
+				if s.ID == prev {
+					continue
+				}
+				alloc, _, err := a.Client.Allocations().Info(s.ID, nil)
+				if err == nil && alloc.PreviousAllocation == prev && cluster.Terminal(alloc) {
+					return alloc
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no allocation replacing %s ended within %s", prev, timeout)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
