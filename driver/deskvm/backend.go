@@ -186,3 +186,17 @@ func (m *qemuMachine) Memory(ctx context.Context) (int, int, error) {
 func (m *qemuMachine) Paused(ctx context.Context) (bool, error) {
 	return m.Machine.Paused(ctx)
 }
+
+// untilExit returns a context that also ends when m exits: for waits on the VM that must not
+// outlive it.
+func untilExit(ctx context.Context, m Machine) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-m.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
+}

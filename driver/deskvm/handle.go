@@ -190,15 +190,8 @@ func (h *taskHandle) runCommand(ctx context.Context) *drivers.ExitResult {
 // watchGuest keeps a connection to the guest agent and sends the command's final status. It
 // reconnects whenever the connection drops, until the VM exits or ctx ends.
 func (h *taskHandle) watchGuest(ctx context.Context, statusCh chan<- guestctl.Status) {
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := untilExit(ctx, h.machine)
 	defer cancel()
-	go func() {
-		select {
-		case <-h.machine.Done():
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	for {
 		g := h.currentGuest()
 		if g == nil {

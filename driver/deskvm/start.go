@@ -151,15 +151,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 // startCommand waits for the guest agent to boot and starts the command. A VM that dies on
 // the way fails with its cause, never a hang.
 func startCommand(ctx context.Context, m Machine, gs guestctl.Spec) (Guest, error) {
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := untilExit(ctx, m)
 	defer cancel()
-	go func() {
-		select {
-		case <-m.Done():
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	g, err := m.Guest(ctx)
 	if err == nil {
 		err = g.Start(ctx, gs)

@@ -51,15 +51,8 @@ type yieldStatus struct {
 // exits or ctx ends. start is the layer the VM is in now; announce reports it as a task
 // event (StartTask reports a VM restored from a checkpoint itself).
 func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.Policy, start yield.VMInfo, announce bool) {
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := untilExit(ctx, h.machine)
 	defer cancel()
-	go func() {
-		select {
-		case <-h.machine.Done():
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	if h.mode == modeImage && start.Layer == yield.LayerIdleClass && time.Since(h.startedAt) < imageBootSettle {
 		select {
 		case <-ctx.Done():
