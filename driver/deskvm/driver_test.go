@@ -230,8 +230,8 @@ func TestDriver_CommandLifecycle(t *testing.T) {
 			res := waitExit(t, h, handle.Config.ID, b.timeout)
 			must.Eq(t, 3, res.ExitCode, must.Sprintf("want the guest command's exit code 3, got %+v", res))
 			waitFor(t, 5*time.Second, "stdout in the task log", func() bool { o, _ := logs(); return strings.Contains(o, "out-hello-env") })
-			_, e := logs()
-			must.StrContains(t, e, "err-line")
+			// stderr is its own port and log: it may land a moment after stdout.
+			waitFor(t, 5*time.Second, "stderr in the task log", func() bool { _, e := logs(); return strings.Contains(e, "err-line") })
 			st, err := h.InspectTask(handle.Config.ID)
 			must.NoError(t, err)
 			must.Eq(t, drivers.TaskStateExited, st.State)
