@@ -312,7 +312,7 @@ var (
 		{"sources", "list(string)", `["proc", "input", "logind"]`},
 		{"replay_file", "string", ""},
 		{"replay_speed", "number", "1"},
-		{"cpu_interval", "string", `"100ms"`},
+		{"cpu_interval", "string", `"25ms"`},
 		{"forecast_state", "string", `"/var/lib/deskvm/forecast.model"`},
 		{"forecast_pool", "string", ""},
 	}, nil)
@@ -335,6 +335,7 @@ func newYieldSpec(c yield.Config) *hclspec.Spec {
 		{"away_after", "string", q(c.AwayAfter)},
 		{"locked_is_away", "bool", strconv.FormatBool(c.LockedIsAway)},
 		{"settle_after", "string", q(c.SettleAfter)},
+		{"cap_window", "string", q(c.CapWindow)},
 		{"cap_recover_after", "string", q(c.CapRecoverAfter)},
 		{"memory_low_water", "number", strconv.Itoa(c.MemoryLowWater)},
 		{"memory_high_water", "number", strconv.Itoa(c.MemoryHighWater)},

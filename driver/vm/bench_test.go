@@ -27,6 +27,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/deskcloud/deskcloud/internal/owner"
+	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/shoenig/test/must"
 )
 
@@ -156,6 +158,7 @@ func BenchmarkYieldCPU(b *testing.B) {
 	m, cgroups := busyVM(b, ctx)
 	b.Run("owner-slowdown", func(b *testing.B) { benchOwnerSlowdown(b, ctx, m, cgroups) })
 	b.Run("cap-reaction", func(b *testing.B) { benchCapReaction(b, ctx, m, cgroups) })
+	b.Run("cap-onset", func(b *testing.B) { benchCapOnset(b, ctx, m, cgroups) })
 	b.Run("harvest", func(b *testing.B) { benchHarvest(b, ctx, m, cgroups) })
 }
 
@@ -236,6 +239,116 @@ func benchCapReaction(b *testing.B, ctx context.Context, m *Machine, cgroups []s
 	}
 	tw.Flush()
 	fmt.Println("  held to cap: the end of the first window of one period, after the cap was set, in which the VM used no more than the cap (+5% of a core)")
+}
+
+// benchCapOnset measures the whole reaction to an owner who starts work: from the owner's
+// process starting to the VM held to the cap that the yield policy sets for them, through
+// the code the driver runs: the proc owner source (the VM excluded, the driver's default
+// cpu_interval), the Decider with the default policy, and SetCPUCap. The VM runs as deskvm
+// runs it (idle class, cgroup cpu.idle) and the owner is one busy process, half of this
+// 2-core host: the load whose band is a 25 % cap (the first sample already caps at 50 %).
+func benchCapOnset(b *testing.B, ctx context.Context, m *Machine, cgroups []string) {
+	const trials = 20
+	vcpus := runtime.NumCPU()
+	must.NoError(b, resetPolicy(m, cgroups))
+	must.NoError(b, SetIdleClass(m.PID()))
+	must.NoError(b, SetCgroupIdle(cgroups[0]))
+	b.Cleanup(func() { _ = resetPolicy(m, cgroups); _ = SetCPUCap(cgroups, 100, vcpus) })
+	interval := owner.DefaultCPUInterval
+	policy := yield.DefaultPolicy()
+	ownerDir := ownerCgroup(b)
+
+	var first, decided, held []time.Duration
+	caps := map[int]int{}
+	for range trials {
+		must.NoError(b, SetCPUCap(cgroups, 100, vcpus))
+		src := owner.NewProcSource(owner.ProcConfig{CPUInterval: interval})
+		src.Exclude([]int{m.PID()}, cgroups)
+		dec := yield.NewDecider(policy, yield.VMInfo{CPUCapPercent: 100})
+		type capAt struct {
+			pct int
+			at  time.Time
+		}
+		capCh := make(chan capAt, 16)
+		sctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_ = src.Run(sctx, func(s owner.Sample) {
+				d := dec.Observe(s, yield.Guest{})
+				if d.Changed && d.CPUCapPercent < 100 {
+					err := SetCPUCap(cgroups, d.CPUCapPercent, vcpus)
+					if err == nil {
+						capCh <- capAt{d.CPUCapPercent, time.Now()}
+					}
+				}
+			})
+		}()
+		waitTicks(ctx, time.Second) // the quiet host sets the baseline
+
+		cmd := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$")
+		cmd.Env = append(os.Environ(), helperEnv+"=spin=100000000000")
+		in, err := cmd.StdinPipe()
+		must.NoError(b, err)
+		must.NoError(b, cmd.Start())
+		must.NoError(b, os.WriteFile(filepath.Join(ownerDir, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644))
+		onset := time.Now()
+		_, _ = in.Write([]byte{1})
+
+		// Wait for the cap of the owner's band, noting when the first cap came.
+		var firstAt, bandAt time.Time
+		band := 0
+		deadline := time.After(3 * time.Second)
+	wait:
+		for {
+			select {
+			case c := <-capCh:
+				if firstAt.IsZero() {
+					firstAt = c.at
+				}
+				if c.pct <= 25 {
+					bandAt, band = c.at, c.pct
+					break wait
+				}
+			case <-deadline:
+				break wait
+			case <-ctx.Done():
+				break wait
+			}
+		}
+		if !bandAt.IsZero() {
+			capCores := float64(band) / 100 * float64(vcpus)
+			_, h := watchCap(ctx, cgroups, 0, bandAt, capCores, CPUCapPeriod, 2*time.Second)
+			first = append(first, firstAt.Sub(onset))
+			decided = append(decided, bandAt.Sub(onset))
+			if h >= 0 {
+				held = append(held, bandAt.Sub(onset)+h)
+			}
+			caps[band]++
+		}
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		in.Close()
+		stop()
+		<-done
+		waitTicks(ctx, 200*time.Millisecond)
+	}
+	if len(held) == 0 {
+		b.Fatalf("the owner's band was never capped in %d trials", trials)
+	}
+	tw := newTable("cap onset: owner process starts → VM held to its band's cap, through the proc source (every %s), the Decider and SetCPUCap; %d of %d trials reached the band %v (host load %s)",
+		interval, len(held), trials, caps, loadAvg())
+	fmt.Fprintln(tw, "step\tp50\tp99\tmax\t")
+	for _, r := range []struct {
+		name string
+		ds   []time.Duration
+	}{{"first cap set (50%)", first}, {"band's cap set", decided}, {"VM held to the band's cap", held}} {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", r.name, ms(median(r.ds)), ms(percentile(r.ds, 99)), ms(slices.Max(r.ds)))
+	}
+	tw.Flush()
+	fmt.Println("  held: the end of the first CFS period after the cap was set in which the VM used no more than it (+5% of a core)")
+	b.ReportMetric(float64(percentile(held, 99))/1e6, "onset-held-p99-ms")
+	b.ReportMetric(float64(median(held))/1e6, "onset-held-p50-ms")
 }
 
 // watchCap samples the cgroup's CPU usage every millisecond after a cap was set at start and

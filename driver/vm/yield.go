@@ -17,14 +17,13 @@ import (
 // idle scheduling class and the CPU cap through the kernel, the balloon and the pause
 // through QMP. They decide nothing; internal/yield does.
 
-// CPUCapPeriod is the CFS bandwidth period of the CPU cap: the kernel's default. A new cap
-// takes hold within about one period (BenchmarkYieldCPU/cap-reaction, p50 of two runs: first
-// throttle after 58-100 ms, held within the cap by 114-116 ms; with a 20 ms period after
-// 11-18 ms and 25-27 ms). The
-// shorter period is not worth five times the throttling events: the yield decisions that
-// set the cap move over seconds (load_window), and 1% steps of one vCPU stay above the
-// kernel's 1 ms minimum quota only with a period of 100 ms.
-const CPUCapPeriod = 100 * time.Millisecond
+// CPUCapPeriod is the CFS bandwidth period of the CPU cap. A new cap takes hold within
+// about one period, so the period bounds the cap's reaction (BenchmarkYieldCPU/cap-reaction:
+// with the kernel's default of 100 ms the VM was held to its cap after p50 114-116 ms; with
+// 20 ms after p50 25-27 ms). 20 ms costs five times the throttling events of 100 ms, which
+// is nothing beside a VM's own timer interrupts, and keeps quotas for caps of 5 % of one vCPU
+// and up above the kernel's 1 ms minimum (smaller caps are held at that minimum).
+const CPUCapPeriod = 20 * time.Millisecond
 
 // minCPUQuota is the smallest quota the kernel accepts for a CFS period.
 const minCPUQuota = time.Millisecond

@@ -196,11 +196,11 @@ func TestSetCPUCapFiles(t *testing.T) {
 		vcpus   int
 		files   map[string]string
 	}{
-		{name: "v2 quarter of two vcpus", version: 2, percent: 25, vcpus: 2, files: map[string]string{"cpu.max": "50000 100000"}},
-		{name: "v2 no cap", version: 2, percent: 100, vcpus: 4, files: map[string]string{"cpu.max": "max 100000"}},
-		{name: "v2 smallest quota", version: 2, percent: 1, vcpus: 1, files: map[string]string{"cpu.max": "1000 100000"}},
-		{name: "v1 ten percent of four vcpus", version: 1, percent: 10, vcpus: 4, files: map[string]string{"cpu.cfs_quota_us": "40000", "cpu.cfs_period_us": "100000"}},
-		{name: "v1 no cap", version: 1, percent: 100, vcpus: 1, files: map[string]string{"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"}},
+		{name: "v2 quarter of two vcpus", version: 2, percent: 25, vcpus: 2, files: map[string]string{"cpu.max": "10000 20000"}},
+		{name: "v2 no cap", version: 2, percent: 100, vcpus: 4, files: map[string]string{"cpu.max": "max 20000"}},
+		{name: "v2 smallest quota", version: 2, percent: 5, vcpus: 1, files: map[string]string{"cpu.max": "1000 20000"}},
+		{name: "v1 ten percent of four vcpus", version: 1, percent: 10, vcpus: 4, files: map[string]string{"cpu.cfs_quota_us": "8000", "cpu.cfs_period_us": "20000"}},
+		{name: "v1 no cap", version: 1, percent: 100, vcpus: 1, files: map[string]string{"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "20000"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := fakeCgroup(t, tc.version)
@@ -521,7 +521,7 @@ func TestYieldQEMU(t *testing.T) {
 			must.NoError(t, err)
 			must.Eq(t, pct, got, must.Sprint("cap read back from the kernel"))
 		}
-		must.Eq(t, "50000", readTrim(t, filepath.Join(cgroups[0], "cpu.cfs_quota_us")))
+		must.Eq(t, "10000", readTrim(t, filepath.Join(cgroups[0], "cpu.cfs_quota_us")))
 		must.NoError(t, SetCPUCap(cgroups, 100, 2))
 		used, err := CPUUsage(cgroups)
 		must.NoError(t, err)

@@ -146,9 +146,7 @@ type Classifier struct {
 
 	status   Status
 	now      time.Time // time of the last sample
-	load     float64
-	loadAt   time.Time // time of the last CPU observation folded into load
-	haveLoad bool
+	load     Average   // the owner load, over LoadWindow
 	busy     bool      // the CPU busy latch
 	calmFrom time.Time // since when every sample has shown less than status.State; zero if not
 	// lockedFrom is when the screen was first seen locked; zero while unlocked. Input from
@@ -158,7 +156,7 @@ type Classifier struct {
 
 // NewClassifier returns a Classifier; th should have passed Validate.
 func NewClassifier(th Thresholds) *Classifier {
-	return &Classifier{th: th}
+	return &Classifier{th: th, load: Average{Window: th.LoadWindow}}
 }
 
 // Status returns the classification after the last sample.
@@ -196,7 +194,7 @@ func (c *Classifier) Observe(s Sample) Status {
 			c.calmFrom = time.Time{}
 		}
 	}
-	c.status.Load = c.load
+	c.status.Load = c.load.Value
 	return c.status
 }
 
@@ -205,25 +203,11 @@ func (c *Classifier) observeLoad(t time.Time, s Sample) {
 	if s.Has&HasCPU == 0 {
 		return
 	}
+	load := c.load.Observe(t, s.CPU)
 	switch {
-	case !c.haveLoad || c.th.LoadWindow <= 0:
-		c.load = s.CPU
-	default:
-		dt := t.Sub(c.loadAt)
-		if dt <= 0 {
-			break
-		}
-		alpha := 1 - math.Exp(-float64(dt)/float64(c.th.LoadWindow))
-		c.load += alpha * (s.CPU - c.load)
-	}
-	if !c.haveLoad || t.After(c.loadAt) {
-		c.loadAt = t
-	}
-	c.haveLoad = true
-	switch {
-	case c.load > c.th.CPUBusyAbove:
+	case load > c.th.CPUBusyAbove:
 		c.busy = true
-	case c.load < c.th.CPUIdleBelow:
+	case load < c.th.CPUIdleBelow:
 		c.busy = false
 	}
 }
@@ -247,7 +231,7 @@ func (c *Classifier) raw(t time.Time, s Sample) State {
 	switch {
 	case c.busy || inputRecent:
 		return StateActive
-	case inputAway && c.load < c.th.CPUIdleBelow:
+	case inputAway && c.load.Value < c.th.CPUIdleBelow:
 		return StateAway
 	}
 	return StateIdle
@@ -266,3 +250,33 @@ func FormatDuration(d time.Duration) string {
 }
 
 func formatFloat(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
+
+// Average is an exponentially weighted average of a value observed at irregular times: each
+// observation moves it by 1 - exp(-dt/Window) of the way. The first observation, or any with
+// Window zero, sets it outright. Observations must come in time order; a late one counts as
+// simultaneous with the one before and changes nothing. The zero value with a Window is
+// ready to use.
+type Average struct {
+	Window time.Duration
+	// Value is the average so far; zero before the first observation.
+	Value float64
+	at    time.Time
+	seen  bool
+}
+
+// Observe folds in v observed at t and returns the new average.
+func (a *Average) Observe(t time.Time, v float64) float64 {
+	switch {
+	case !a.seen || a.Window <= 0:
+		a.Value = v
+	default:
+		if dt := t.Sub(a.at); dt > 0 {
+			a.Value += (1 - math.Exp(-float64(dt)/float64(a.Window))) * (v - a.Value)
+		}
+	}
+	if !a.seen || t.After(a.at) {
+		a.at = t
+	}
+	a.seen = true
+	return a.Value
+}

@@ -19,7 +19,7 @@ import (
 const (
 	// DefaultCPUInterval is how often a ProcSource samples CPU: often enough that the yield
 	// policy can cap a VM within a fraction of a second of the owner getting busy.
-	DefaultCPUInterval = 100 * time.Millisecond
+	DefaultCPUInterval = 25 * time.Millisecond
 	// DefaultMemoryInterval is how often a ProcSource reads memory: memory pressure builds
 	// over seconds, and the balloon answers over seconds.
 	DefaultMemoryInterval = time.Second

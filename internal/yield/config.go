@@ -47,6 +47,11 @@ type Policy struct {
 	// CPUCapSteps (cpu_cap_step blocks) are the cap's bands, in rising load and falling
 	// percent. Below the first band the VM is uncapped.
 	CPUCapSteps []CapStep
+	// CapWindow (cap_window) is the time constant of the owner load the cap follows: short,
+	// so that the cap takes hold within a sampling interval or two of the owner starting
+	// work, while a single tick of a background process moves it too little to cap. The
+	// owner's state follows the slower load_window.
+	CapWindow time.Duration
 	// CapRecoverAfter (cap_recover_after) is how long the owner load must allow a higher cap
 	// before the cap goes up one step.
 	CapRecoverAfter time.Duration
@@ -96,6 +101,7 @@ func DefaultPolicy() Policy {
 			{LoadAbove: 0.3, Percent: 25},
 			{LoadAbove: 0.5, Percent: 10},
 		},
+		CapWindow:            50 * time.Millisecond,
 		CapRecoverAfter:      30 * time.Second,
 		MemoryLowWaterMiB:    1024,
 		MemoryHighWaterMiB:   2048,
@@ -179,6 +185,7 @@ func (p Policy) ForTask(mode string) (Policy, error) {
 // durations lists the policy's own duration keys, for validation and parsing.
 func (p *Policy) durations() []durationKey {
 	return []durationKey{
+		{"cap_window", &p.CapWindow},
 		{"cap_recover_after", &p.CapRecoverAfter},
 		{"memory_recover_after", &p.MemoryRecoverAfter},
 		{"memory_shortfall_after", &p.MemoryShortfallAfter},
@@ -215,6 +222,7 @@ type Config struct {
 
 	// CPUCapSteps are the cpu_cap_step blocks; none means the default steps.
 	CPUCapSteps     []ConfigCapStep `codec:"cpu_cap_step"`
+	CapWindow       string          `codec:"cap_window"`
 	CapRecoverAfter string          `codec:"cap_recover_after"`
 
 	MemoryLowWater       int    `codec:"memory_low_water"`
@@ -251,6 +259,7 @@ func DefaultConfig() Config {
 		AwayAfter:            owner.FormatDuration(p.Owner.AwayAfter),
 		LockedIsAway:         p.Owner.LockedIsAway,
 		SettleAfter:          owner.FormatDuration(p.Owner.SettleAfter),
+		CapWindow:            owner.FormatDuration(p.CapWindow),
 		CapRecoverAfter:      owner.FormatDuration(p.CapRecoverAfter),
 		MemoryLowWater:       p.MemoryLowWaterMiB,
 		MemoryHighWater:      p.MemoryHighWaterMiB,
@@ -312,6 +321,7 @@ func (c Config) Policy() (Policy, error) {
 	parse("away_after", c.AwayAfter, &p.Owner.AwayAfter)
 	parse("settle_after", c.SettleAfter, &p.Owner.SettleAfter)
 	vals := map[string]string{
+		"cap_window":             c.CapWindow,
 		"cap_recover_after":      c.CapRecoverAfter,
 		"memory_recover_after":   c.MemoryRecoverAfter,
 		"memory_shortfall_after": c.MemoryShortfallAfter,

@@ -141,6 +141,7 @@ type Decider struct {
 	now        time.Time
 	phase      phase
 	capPercent int
+	capLoad    owner.Average // the owner load the cap follows, over CapWindow
 	balloon    int
 
 	activeFrom  time.Time // since when the owner has been active; zero if not active
@@ -164,6 +165,7 @@ func NewDecider(p Policy, vm VMInfo) *Decider {
 		levels:     []int{100},
 		cls:        owner.NewClassifier(p.Owner),
 		capPercent: vm.CPUCapPercent,
+		capLoad:    owner.Average{Window: p.CapWindow},
 		balloon:    vm.BalloonMiB,
 	}
 	for _, s := range p.CPUCapSteps {
@@ -227,9 +229,12 @@ func (d *Decider) Observe(s owner.Sample, g Guest) Decision {
 		d.activeFrom = time.Time{}
 	}
 
+	if s.Has&owner.HasCPU != 0 {
+		d.capLoad.Observe(t, s.CPU)
+	}
 	d.why = whyNone
 	if d.phase == running {
-		d.stepCap(t, st.Load)
+		d.stepCap(t, d.capLoad.Value)
 	}
 	resumeShort := d.stepMemory(t, s, g)
 	d.stepPhase(t, active, resumeShort, s)
@@ -250,8 +255,8 @@ func (d *Decider) Observe(s owner.Sample, g Guest) Decision {
 	return dec
 }
 
-// stepCap moves the CPU cap: down at once to the band of the current load, up one step at a
-// time once the load has allowed more for CapRecoverAfter.
+// stepCap moves the CPU cap: down at once to the band of the current load (over CapWindow),
+// up one step at a time once the load has allowed more for CapRecoverAfter.
 func (d *Decider) stepCap(t time.Time, load float64) {
 	band := 100
 	for _, s := range d.p.CPUCapSteps {

@@ -28,10 +28,19 @@ func TestDeciderTransitions(t *testing.T) {
 			want: nil, final: LayerIdleClass,
 		},
 		{
-			name: "owner gets busy: the cap steps down at once as the load climbs",
+			name: "owner gets busy: the cap drops to the lowest band on the first busy sample",
+			play: func(w *world) { w.live(10*time.Minute, away).live(10*time.Second, busy) },
+			// With samples a second apart, a 50 ms cap_window follows each sample as it
+			// comes; the owner's state still climbs over the 5 s load_window.
+			want:  []change{{10 * time.Minute, LayerCPUCap, "owner active: CPU capped at 10%"}},
+			final: LayerCPUCap,
+		},
+		{
+			name: "a long cap_window: the cap steps down as the load climbs",
+			edit: func(p *Policy) { p.CapWindow = 5 * time.Second },
 			play: func(w *world) { w.live(10*time.Minute, away).live(10*time.Second, busy) },
 			want: []change{
-				// With samples a second apart and a 5 s load window, the load passes 0.1
+				// With samples a second apart and a 5 s cap window, the load passes 0.1
 				// on the first busy sample, 0.3 on the third and 0.5 on the fifth.
 				{10 * time.Minute, LayerCPUCap, "owner active: CPU capped at 50%"},
 				{10*time.Minute + 2*time.Second, LayerCPUCap, "owner active: CPU capped at 25%"},
@@ -41,6 +50,7 @@ func TestDeciderTransitions(t *testing.T) {
 		},
 		{
 			name: "the cap comes back one step per cap_recover_after once the owner is quieter",
+			edit: func(p *Policy) { p.CapWindow = 5 * time.Second },
 			play: func(w *world) { w.live(time.Minute, away).live(20*time.Second, busy).live(5*time.Minute, reading) },
 			want: []change{
 				{time.Minute, LayerCPUCap, "owner active: CPU capped at 50%"},
