@@ -200,9 +200,9 @@ func TestAverage(t *testing.T) {
 	a := Average{Window: time.Second}
 	must.Eq(t, 0.5, a.Observe(t0, 0.5)) // the first observation sets it
 	got := a.Observe(t0.Add(time.Second), 1.5)
-	must.Between(t, 0.5+0.632, got, 0.5+0.633) // one window: 1 - 1/e of the way
+	must.Between(t, 0.5+0.632, got, 0.5+0.633)                    // one window: 1 - 1/e of the way
 	must.Eq(t, got, a.Observe(t0.Add(500*time.Millisecond), 100)) // late: nothing changes
-	must.Eq(t, got, a.Observe(t0.Add(time.Second), 100))           // simultaneous: nothing changes
+	must.Eq(t, got, a.Observe(t0.Add(time.Second), 100))          // simultaneous: nothing changes
 
 	instant := Average{}
 	instant.Observe(t0, 0.2)
