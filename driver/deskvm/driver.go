@@ -70,7 +70,11 @@ type Driver struct {
 	mu      sync.RWMutex // guards what SetConfig and the accelerator probe set
 	config  *Config
 	policy  yield.Policy // the node's yield policy, from config
-	owner   *ownerSensor // senses the desktop's owner; set once by the first SetConfig
+	// owner senses the desktop's owner. It starts with the first fingerprint, task or
+	// recovery after SetConfig, not at SetConfig: Nomad also starts a plugin only to check
+	// its config, and that instance must not read the owner's devices, take a replay pipe's
+	// samples or write the forecast's state.
+	owner *ownerSensor
 	compute cpustats.Compute
 	host    hostInfo
 }
@@ -125,15 +129,7 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	d.config = &c
 	d.policy = policy
 	d.compute = compute
-	startSensor := d.owner == nil
-	if startSensor {
-		d.owner = newOwnerSensor(d.logger, &c, ownerPolicy{thresholds: policy.Owner, lowWaterMiB: policy.MemoryLowWaterMiB})
-	}
-	sensor := d.owner
 	d.mu.Unlock()
-	if startSensor {
-		go sensor.run(d.ctx, &c)
-	}
 	go func() {
 		info := d.probe(d.ctx, &c)
 		d.mu.Lock()
@@ -141,6 +137,28 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 		d.mu.Unlock()
 	}()
 	return nil
+}
+
+// sensor returns the owner sensor, starting it the first time once the driver has its
+// config; nil before SetConfig.
+func (d *Driver) sensor() *ownerSensor {
+	d.mu.RLock()
+	sensor, c, policy := d.owner, d.config, d.policy
+	d.mu.RUnlock()
+	if sensor != nil || c == nil {
+		return sensor
+	}
+	d.mu.Lock()
+	start := d.owner == nil
+	if start {
+		d.owner = newOwnerSensor(d.logger, c, ownerPolicy{thresholds: policy.Owner, lowWaterMiB: policy.MemoryLowWaterMiB})
+	}
+	sensor = d.owner
+	d.mu.Unlock()
+	if start {
+		go sensor.run(d.ctx, c)
+	}
+	return sensor
 }
 
 func (d *Driver) pluginConfig() *Config {
@@ -187,8 +205,9 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 // startYield runs the task's yield loop under the node's policy narrowed to the task's
 // preemption mode, which StartTask has validated.
 func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo, announce bool) {
+	sensor := d.sensor()
 	d.mu.RLock()
-	policy, sensor := d.policy, d.owner
+	policy := d.policy
 	d.mu.RUnlock()
 	p, err := policy.ForTask(preemption)
 	if err != nil || sensor == nil {

@@ -277,10 +277,7 @@ func (d *Driver) buildFingerprint() *drivers.Fingerprint {
 		"driver.deskvm.accelerator":  pstructs.NewStringAttribute(string(host.accel)),
 		"driver.deskvm.qemu_version": pstructs.NewStringAttribute(host.qemuVersion),
 	}
-	d.mu.RLock()
-	sensor := d.owner
-	d.mu.RUnlock()
-	if sensor != nil {
+	if sensor := d.sensor(); sensor != nil {
 		// Coarse owner state and forecast only: raw activity never leaves the desktop.
 		for k, v := range sensor.attributes(time.Now()) {
 			attrs["driver.deskvm."+k] = pstructs.NewStringAttribute(v)

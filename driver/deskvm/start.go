@@ -35,6 +35,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if pc == nil {
 		return nil, nil, errors.New("deskvm is not configured yet")
 	}
+	d.sensor() // a checkpointed task resumes only when the owner allows
 	host := d.hostInfo()
 	switch {
 	case host.probe == probePending:
