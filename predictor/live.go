@@ -219,10 +219,27 @@ func (l *Live) Observe(t time.Time, st owner.State) {
 // state file does not know whether the owner came back while the driver was down. A now
 // before the latest observation is taken as that observation's time.
 func (l *Live) Attributes(now time.Time) map[string]string {
+	f, ok := l.Forecast(now)
+	if !ok {
+		return map[string]string{}
+	}
+	attrs := make(map[string]string, len(liveReturns)+1)
+	for _, r := range liveReturns {
+		attrs[r.key] = strconv.FormatFloat(math.Round(f.P[r.i]*10)/10, 'f', -1, 64)
+	}
+	attrs[AttrIdleMinutes] = strconv.Itoa(idleBucket(f.ExpectedIdle))
+	return attrs
+}
+
+// Forecast returns the full forecast at now, for decisions made on the desktop itself (the
+// harvest policy's start, shrink and drain thresholds need more than one decimal). It is
+// false until this Live has observed a known state. A now before the latest observation is
+// taken as that observation's time.
+func (l *Live) Forecast(now time.Time) (Forecast, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.state == Unknown {
-		return map[string]string{}
+		return Forecast{}, false
 	}
 	if now.Before(l.last) {
 		now = l.last
@@ -230,15 +247,10 @@ func (l *Live) Attributes(now time.Time) map[string]string {
 	f, err := l.model.Forecast(now)
 	if err != nil {
 		// Cannot happen: now is at or after every time the model has been given.
-		return map[string]string{}
+		return Forecast{}, false
 	}
 	l.last = now
-	attrs := make(map[string]string, len(liveReturns)+1)
-	for _, r := range liveReturns {
-		attrs[r.key] = strconv.FormatFloat(math.Round(f.P[r.i]*10)/10, 'f', -1, 64)
-	}
-	attrs[AttrIdleMinutes] = strconv.Itoa(idleBucket(f.ExpectedIdle))
-	return attrs
+	return f, true
 }
 
 // idleBucket rounds d down to the largest of IdleMinuteBuckets it reaches.

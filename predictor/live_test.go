@@ -307,3 +307,26 @@ func BenchmarkLiveAttributes(b *testing.B) {
 		}
 	}
 }
+
+func TestLiveForecast(t *testing.T) {
+	l := newLive(t, predictor.LiveConfig{})
+	_, ok := l.Forecast(monday)
+	must.False(t, ok, must.Sprint("nothing observed yet, no forecast"))
+
+	feed(l, monday, monday.AddDate(0, 0, 7), officeHours)
+	at := monday.AddDate(0, 0, 7).Add(8*time.Hour + 30*time.Minute) // Monday 08:30, away
+	feed(l, monday.AddDate(0, 0, 7), at, officeHours)
+	f, ok := l.Forecast(at)
+	must.True(t, ok)
+	must.True(t, f.OwnerAway)
+	attrs := l.Attributes(at)
+	p60, err := strconv.ParseFloat(attrs[predictor.AttrReturn60m], 64)
+	must.NoError(t, err)
+	// The attribute is the full forecast rounded to one decimal.
+	must.InDelta(t, p60, f.P[len(f.P)-1], 0.05+1e-9, must.Sprintf("return_60m %q against P %v", attrs[predictor.AttrReturn60m], f.P))
+
+	l.Observe(at.Add(time.Minute), owner.StateActive)
+	f, ok = l.Forecast(at.Add(time.Minute))
+	must.True(t, ok)
+	must.False(t, f.OwnerAway, must.Sprint("the owner is at the desktop"))
+}
