@@ -170,13 +170,7 @@ func TestSimulate(t *testing.T) {
 	status, out, errOut := runCLI(t, "simulate", "--quiet", "--json", "--trace", path, "--from", "2024-01-15")
 	must.Eq(t, 0, status, must.Sprintf("stderr %q", errOut))
 	var res struct {
-		Reports []struct {
-			Policy       string  `json:"policy"`
-			MachineHours float64 `json:"machine_hours"`
-			AwayHours    float64 `json:"away_hours"`
-			Arrivals     int64   `json:"arrivals"`
-			Collisions   int64   `json:"collisions"`
-		} `json:"reports"`
+		Reports []simulateReport `json:"reports"`
 	}
 	must.NoError(t, json.Unmarshal([]byte(out), &res))
 	must.SliceLen(t, 2, res.Reports)
@@ -185,13 +179,60 @@ func TestSimulate(t *testing.T) {
 		must.Eq(t, want, r.Policy)
 		must.Positive(t, r.MachineHours)
 		must.LessEq(t, r.AwayHours, r.MachineHours)
-		must.LessEq(t, r.Arrivals, r.Collisions)
+		must.InDelta(t, r.FullHours+r.FloorHours, r.MachineHours, 1e-6)
+		must.Eq(t, 1, r.FloorWork, must.Sprint("--floor-work defaults to 1"))
+		must.InDelta(t, r.MachineHours, r.HarvestedHours, 1e-6)
+		must.Eq(t, r.Arrivals, r.Collisions+r.ArrivalsAtFloor+r.ArrivalsVacant)
 	}
 	must.Eq(t, res.Reports[0].Arrivals, res.Reports[1].Arrivals, must.Sprint("both policies see the same owners"))
+	must.Zero(t, res.Reports[0].FloorHours+float64(res.Reports[0].ArrivalsAtFloor), must.Sprint("condor has no floor layer"))
 
 	status, out, errOut = runCLI(t, "simulate", "--quiet", "--trace", path, "--policy", "condor")
 	must.Eq(t, 0, status, must.Sprintf("stderr %q", errOut))
-	must.StrContains(t, out, "machine-hours")
+	for _, want := range []string{"harvested h", "floor h", "at floor", "shrinks"} {
+		must.StrContains(t, out, want)
+	}
+}
+
+// simulateReport is what the tests read of a report in simulate's JSON.
+type simulateReport struct {
+	Policy          string  `json:"policy"`
+	MachineHours    float64 `json:"machine_hours"`
+	FullHours       float64 `json:"full_hours"`
+	FloorHours      float64 `json:"floor_hours"`
+	FloorWork       float64 `json:"floor_work"`
+	HarvestedHours  float64 `json:"harvested_hours"`
+	AwayHours       float64 `json:"away_hours"`
+	Arrivals        int64   `json:"arrivals"`
+	Collisions      int64   `json:"collisions"`
+	ArrivalsAtFloor int64   `json:"arrivals_at_floor"`
+	ArrivalsVacant  int64   `json:"arrivals_vacant"`
+	Shrinks         int64   `json:"shrinks"`
+}
+
+func TestSimulateFloorFlags(t *testing.T) {
+	// The forecast policy with its floor layer on and drains off: the floor hours are
+	// credited at --floor-work, and --shrink-above equal to --drain-above turns the layer off.
+	path := fixture(t)
+	simulate := func(args ...string) simulateReport {
+		t.Helper()
+		status, out, errOut := runCLI(t, append([]string{"simulate", "--quiet", "--json", "--trace", path, "--from", "2024-01-15", "--policy", "forecast"}, args...)...)
+		must.Eq(t, 0, status, must.Sprintf("stderr %q", errOut))
+		var res struct {
+			Reports []simulateReport `json:"reports"`
+		}
+		must.NoError(t, json.Unmarshal([]byte(out), &res))
+		must.SliceLen(t, 1, res.Reports)
+		return res.Reports[0]
+	}
+	layered := simulate("--start-below", "0.05", "--shrink-above", "0.1", "--drain-above", "inf", "--floor-work", "0.25", "--min-floor", "0s")
+	must.Eq(t, 0.25, layered.FloorWork)
+	must.Positive(t, layered.FloorHours, must.Sprint("the fixture's owners are regular enough for some VMs to shrink"))
+	must.InDelta(t, layered.FullHours+0.25*layered.FloorHours, layered.HarvestedHours, 1e-6)
+	must.Eq(t, layered.Arrivals, layered.Collisions+layered.ArrivalsAtFloor+layered.ArrivalsVacant)
+
+	off := simulate("--start-below", "0.05", "--shrink-above", "0.1", "--drain-above", "0.1")
+	must.Zero(t, off.FloorHours+float64(off.Shrinks+off.ArrivalsAtFloor), must.Sprint("--shrink-above = --drain-above: no floor layer"))
 }
 
 func TestSimulateUsageErrors(t *testing.T) {
@@ -205,6 +246,16 @@ func TestSimulateUsageErrors(t *testing.T) {
 		{"bad policy", []string{"--trace", path, "--policy", "greedy"}, "--policy"},
 		{"bad thresholds", []string{"--trace", path, "--drain-above", "0.01", "--start-below", "0.1"}, "--start-below"},
 		{"empty period", []string{"--trace", path, "--from", "2024-02-01", "--to", "2024-02-01"}, "--from"},
+		{"no lead", []string{"--trace", path, "--lead", "0s"}, "--lead must be positive, got 0s"},
+		{"start at 0", []string{"--trace", path, "--start-below", "0"}, "--start-below must be above 0 and at most 1, got 0"},
+		{"shrink below start", []string{"--trace", path, "--start-below", "0.05", "--shrink-above", "0.02"}, "--shrink-above must be at least --start-below (0.05), got 0.02"},
+		{"drain below shrink", []string{"--trace", path, "--shrink-above", "0.1", "--drain-above", "0.05"}, "--drain-above must be at least --shrink-above (0.1), got 0.05"},
+		{"negative min floor", []string{"--trace", path, "--min-floor", "-1m"}, "--min-floor must not be negative, got -1m0s"},
+		{"floor work above 1", []string{"--trace", path, "--floor-work", "1.5"}, "--floor-work must be between 0 and 1, got 1.5"},
+		{"floor work negative", []string{"--trace", path, "--floor-work", "-0.1"}, "--floor-work must be between 0 and 1, got -0.1"},
+		{"floor work NaN", []string{"--trace", path, "--floor-work", "NaN"}, "--floor-work must be between 0 and 1, got NaN"},
+		{"no shrink time", []string{"--trace", path, "--shrink-time", "0s"}, "--shrink-time must be positive, got 0s"},
+		{"floor flags checked with condor alone", []string{"--trace", path, "--policy", "condor", "--floor-work", "2"}, "--floor-work"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

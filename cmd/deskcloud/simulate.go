@@ -19,12 +19,14 @@ import (
 )
 
 const simulateUsage = `deskcloud simulate --trace PATH [--from DATE] [--to DATE] [--policy condor,forecast]
-       [--lead 10m] [--drain-above P] [--start-below P] [--pool FILE] [--json]
+       [--lead 10m] [--start-below P] [--shrink-above P] [--drain-above P] [--min-floor 15m]
+       [--floor-work F] [--shrink-time 1m] [--pool FILE] [--json]
 
 Replays every desktop of a trace through the harvest policies and reports the machine-hours
-harvested, owner collisions, preemptions and work lost. Rows before --from (up to --warmup
-of them) only teach the desktops' forecast models. Build a pool for --pool with
-'deskcloud predict eval ... --save-pool FILE' on earlier data.`
+harvested (at full size and at the floor), owner collisions (arrivals while a VM holds the
+desktop above its floor), preemptions and work lost. Rows before --from (up to --warmup of
+them) only teach the desktops' forecast models. Build a pool for --pool with
+'deskcloud predict eval --own-history-only ... --save-pool FILE' on earlier data.`
 
 // runSimulate implements `deskcloud simulate`.
 func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -35,9 +37,14 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	to := fs.String("to", "", "end of the simulation, exclusive (default: the trace's end)")
 	warmup := fs.Duration("warmup", 12*7*24*time.Hour, "how much trace before --from teaches the forecast models")
 	policies := fs.String("policy", "condor,forecast", "policies to simulate: condor, forecast or both")
-	lead := fs.Duration("lead", 10*time.Minute, "forecast policy: drain when the owner is likely back within this")
-	drainAbove := fs.Float64("drain-above", 0.06, "forecast policy: drain when P(owner back within lead) reaches this")
-	startBelow := fs.Float64("start-below", 0.02, "forecast policy: start only when P(owner back within lead) is below this")
+	def := harvest.DefaultForecast()
+	lead := fs.Duration("lead", def.Lead, "forecast policy: how far ahead the desktop must be ready; the thresholds are probabilities of the owner's return within this")
+	startBelow := fs.Float64("start-below", def.StartBelow, "forecast policy: start a VM, or grow one at its floor, only when P is below this")
+	shrinkAbove := fs.Float64("shrink-above", def.ShrinkAbove, "forecast policy: shrink a running VM to its floor when P reaches this (equal to --drain-above: no floor layer)")
+	drainAbove := fs.Float64("drain-above", def.DrainAbove, "forecast policy: drain a VM when P reaches this (above 1: never)")
+	minFloor := fs.Duration("min-floor", def.MinFloor, "forecast policy: least time a VM stays at its floor before it grows back")
+	floorWork := fs.Float64("floor-work", 1, "work credited for an hour at the floor, as a fraction of an hour at full size, 0 to 1")
+	shrinkTime := fs.Duration("shrink-time", time.Minute, "how long a VM takes to reach its floor; an owner arriving sooner collides with it")
 	poolPath := fs.String("pool", "", "fleet prior for the forecast models, from predict eval --save-pool (default: untrained)")
 	frozen := fs.Bool("frozen", false, "forecast models do not learn during the simulation")
 	asJSON := fs.Bool("json", false, "write the reports as JSON")
@@ -48,7 +55,13 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if len(paths) == 0 {
 		return usageError("give --trace")
 	}
-	opt := harvest.Options{Frozen: *frozen}
+	if !(*floorWork >= 0 && *floorWork <= 1) {
+		return usageError("--floor-work must be between 0 and 1, got %v", *floorWork)
+	}
+	if *shrinkTime <= 0 {
+		return usageError("--shrink-time must be positive, got %s", *shrinkTime)
+	}
+	opt := harvest.Options{Frozen: *frozen, FloorLoss: 1 - *floorWork, ShrinkTime: *shrinkTime}
 	var err error
 	if opt.From, err = parseDate(*from); err != nil {
 		return usageError("--from: %v", err)
@@ -65,10 +78,12 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		case "condor":
 			pols = append(pols, harvest.NewCondor())
 		case "forecast":
-			if *lead <= 0 || !(*startBelow > 0 && *startBelow <= *drainAbove && *drainAbove <= 1) {
-				return usageError("--lead must be positive and 0 < --start-below <= --drain-above <= 1")
+			f := def
+			f.Lead, f.StartBelow, f.ShrinkAbove, f.DrainAbove, f.MinFloor = *lead, *startBelow, *shrinkAbove, *drainAbove, *minFloor
+			if err := f.Validate(flagName); err != nil {
+				return usageError("%v", err)
 			}
-			pols = append(pols, harvest.NewForecast(*lead, *drainAbove, *startBelow))
+			pols = append(pols, f)
 		default:
 			return usageError("--policy: want condor or forecast, got %q", name)
 		}
@@ -147,28 +162,32 @@ func readDesktops(paths []string, from, to time.Time, warmup time.Duration) ([][
 	return desktops, r.Report(), nil
 }
 
+// flagName names a harvest.Forecast field by its flag: start_below is --start-below.
+func flagName(key string) string { return "--" + strings.ReplaceAll(key, "_", "-") }
+
 func writeReports(w io.Writer, reports []harvest.Report) error {
 	var condor float64
 	if i := slices.IndexFunc(reports, func(r harvest.Report) bool { return r.Policy == "condor" }); i >= 0 {
-		condor = reports[i].MachineHours
+		condor = reports[i].HarvestedHours
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "policy\tmachine-hours\tof condor\tarrivals\tcollisions\tpreemptions\tpower-offs\tdrains\tlost h (checkpoint)\tlost h (none)\t\n")
+	fmt.Fprintf(tw, "policy\tharvested h\tof condor\tfull h\tfloor h\tarrivals\tcollisions\tat floor\tpreemptions\tpower-offs\tdrains\tshrinks\tgrows\tlost h (checkpoint)\tlost h (none)\t\n")
 	for _, r := range reports {
 		share := "-"
 		if condor > 0 {
-			share = fmt.Sprintf("%.1f%%", 100*r.MachineHours/condor)
+			share = fmt.Sprintf("%.1f%%", 100*r.HarvestedHours/condor)
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%d\t%d (%.1f%%)\t%d\t%d\t%d\t%.0f\t%.0f\t\n", r.Policy, r.MachineHours, share, r.Arrivals,
-			r.Collisions, 100*r.CollisionRate(), r.Preemptions, r.PowerOffs, r.Drains, r.LostHours, r.LostHoursNoCheckpoint)
+		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%.0f\t%.0f\t%d\t%d (%.1f%%)\t%d (%.1f%%)\t%d\t%d\t%d\t%d\t%d\t%.0f\t%.0f\t\n",
+			r.Policy, r.HarvestedHours, share, r.FullHours, r.FloorHours, r.Arrivals, r.Collisions, 100*r.CollisionRate(),
+			r.ArrivalsAtFloor, 100*r.AtFloorRate(), r.Preemptions, r.PowerOffs, r.Drains, r.Shrinks, r.Grows, r.LostHours, r.LostHoursNoCheckpoint)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	if len(reports) > 0 {
 		r := reports[0]
-		_, err := fmt.Fprintf(w, "%d desktops, %.0f desktop-hours, %.0f with the owner away, %.0f harvestable\n",
-			r.Desktops, r.DesktopHours, r.AwayHours, r.HarvestableHours)
+		_, err := fmt.Fprintf(w, "%d desktops, %.0f desktop-hours, %.0f with the owner away, %.0f harvestable; harvested h = full h + %.2f × floor h\n",
+			r.Desktops, r.DesktopHours, r.AwayHours, r.HarvestableHours, r.FloorWork)
 		return err
 	}
 	return nil

@@ -58,6 +58,7 @@ var (
 		"memory_overhead": hclspec.NewDefault(hclspec.NewAttr("memory_overhead", "number", false), hclspec.NewLiteral("192")),
 		"yield":           yieldSpec,
 		"owner":           ownerSpec,
+		"harvest":         harvestSpec,
 	})
 
 	// taskConfigSpec is the task config, from a task's config block.
@@ -99,6 +100,9 @@ type Config struct {
 	Yield yield.Config `codec:"yield"`
 	// Owner says how the owner is sensed.
 	Owner OwnerConfig `codec:"owner"`
+	// Harvest is the forecast-driven layer: memory handed back ahead of the owner, and the
+	// advice to the scheduler.
+	Harvest HarvestConfig `codec:"harvest"`
 }
 
 // bootTimeout returns BootTimeout parsed; validate has checked it.
@@ -156,6 +160,9 @@ func (c *Config) validate() error {
 		errs = append(errs, err)
 	}
 	if err := c.Owner.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := c.Harvest.policy(); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/deskcloud/deskcloud/internal/harvest"
 	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/nomad/client/lib/cpustats"
 	"github.com/hashicorp/nomad/helper/pluginutils/hclutils"
@@ -39,6 +40,10 @@ func TestConfigSpec_Defaults(t *testing.T) {
 	must.Eq(t, yield.DefaultPolicy(), p, must.Sprint("the yield block's defaults must be yield.DefaultPolicy"))
 	must.Eq(t, []string{sourceProc, sourceInput, sourceLogind}, c.Owner.Sources)
 	must.Eq(t, 1.0, c.Owner.ReplaySpeed)
+	must.True(t, c.Harvest.Enabled)
+	hp, err := c.Harvest.policy()
+	must.NoError(t, err)
+	must.Eq(t, harvest.DefaultForecast(), hp, must.Sprint("the harvest block's defaults must be harvest.DefaultForecast"))
 
 	c = defaultConfig(t, `yield {
   suspend_after = "5s"
@@ -49,8 +54,17 @@ func TestConfigSpec_Defaults(t *testing.T) {
 }
 owner {
   sources = ["proc"]
+}
+harvest {
+  shrink_above = 0.05
+  drain_above  = "0.2"
 }`)
 	must.NoError(t, c.validate())
+	hp, err = c.Harvest.policy()
+	must.NoError(t, err)
+	must.Eq(t, 0.05, hp.ShrinkAbove)
+	must.Eq(t, 0.2, hp.DrainAbove)
+	must.Eq(t, harvest.DefaultForecast().Lead, hp.Lead, must.Sprint("harvest keys left out keep their defaults"))
 	p, err = c.yieldPolicy()
 	must.NoError(t, err)
 	must.Eq(t, 5*time.Second, p.SuspendAfter)
@@ -84,6 +98,10 @@ func TestConfig_Validate(t *testing.T) {
 		{"owner replay speed", func(c *Config) { c.Owner.ReplaySpeed = -2 }, `owner.replay_speed must be zero or more, got "-2"`},
 		{"owner cpu interval", func(c *Config) { c.Owner.CPUInterval = "1ms" }, `owner.cpu_interval must be a duration from 10ms to 10s, got "1ms"`},
 		{"owner forecast state", func(c *Config) { c.Owner.ForecastState = "model" }, `owner.forecast_state must be an absolute path, got "model"`},
+		{"harvest lead", func(c *Config) { c.Harvest.Lead = "soon" }, `harvest.lead must be a duration such as "10m", got "soon"`},
+		{"harvest probability", func(c *Config) { c.Harvest.ShrinkAbove = "often" }, `harvest.shrink_above must be a probability from 0 to 1, got "often"`},
+		{"harvest drain", func(c *Config) { c.Harvest.DrainAbove = "2" }, `harvest.drain_above must be a probability from 0 to 1 or "never", got "2"`},
+		{"harvest order", func(c *Config) { c.Harvest.StartBelow, c.Harvest.ShrinkAbove = "0.1", "0.05" }, `harvest.shrink_above must be at least harvest.start_below`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/deskcloud/deskcloud/internal/harvest"
 	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/client/lib/cpustats"
@@ -67,14 +68,16 @@ type Driver struct {
 	cancel  context.CancelFunc
 	logger  hclog.Logger
 
-	mu      sync.RWMutex // guards what SetConfig and the accelerator probe set
-	config  *Config
-	policy  yield.Policy // the node's yield policy, from config
+	mu     sync.RWMutex // guards what SetConfig and the accelerator probe set
+	config *Config
+	policy yield.Policy // the node's yield policy, from config
 	// owner senses the desktop's owner. It starts with the first fingerprint, task or
 	// recovery after SetConfig, not at SetConfig: Nomad also starts a plugin only to check
 	// its config, and that instance must not read the owner's devices, take a replay pipe's
 	// samples or write the forecast's state.
 	owner *ownerSensor
+	// harvest is the harvest block's forecast policy; nil when it is off.
+	harvest *harvest.Forecast
 	compute cpustats.Compute
 	host    hostInfo
 }
@@ -125,9 +128,18 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	if cfg.AgentConfig != nil {
 		compute = cfg.AgentConfig.Compute()
 	}
+	var hp *harvest.Forecast
+	if c.Harvest.Enabled {
+		f, err := c.Harvest.policy()
+		if err != nil {
+			return fmt.Errorf("invalid deskvm plugin config: %w", err)
+		}
+		hp = &f
+	}
 	d.mu.Lock()
 	d.config = &c
 	d.policy = policy
+	d.harvest = hp
 	d.compute = compute
 	d.mu.Unlock()
 	go func() {
@@ -207,7 +219,7 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo, announce bool) {
 	sensor := d.sensor()
 	d.mu.RLock()
-	policy := d.policy
+	policy, hp := d.policy, d.harvestPolicy()
 	d.mu.RUnlock()
 	p, err := policy.ForTask(preemption)
 	if err != nil || sensor == nil {
@@ -216,11 +228,14 @@ func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo
 	}
 	d.excludeVMs()
 	go func() {
-		h.runYield(d.ctx, sensor, p, start, announce)
+		h.runYield(d.ctx, sensor, p, hp, start, announce)
 		<-h.doneCh
 		d.excludeVMs()
 	}()
 }
+
+// harvestPolicy is the harvest block's policy, nil when it is off. d.mu must be held.
+func (d *Driver) harvestPolicy() *harvest.Forecast { return d.harvest }
 
 // excludeVMs tells owner sensing which processes are this driver's VMs.
 func (d *Driver) excludeVMs() {

@@ -279,8 +279,17 @@ func (d *Driver) buildFingerprint() *drivers.Fingerprint {
 	}
 	if sensor := d.sensor(); sensor != nil {
 		// Coarse owner state and forecast only: raw activity never leaves the desktop.
-		for k, v := range sensor.attributes(time.Now()) {
+		now := time.Now()
+		for k, v := range sensor.attributes(now) {
 			attrs["driver.deskvm."+k] = pstructs.NewStringAttribute(v)
+		}
+		d.mu.RLock()
+		hp := d.harvestPolicy()
+		d.mu.RUnlock()
+		if hp != nil {
+			if a, ok := sensor.advice(now, *hp); ok {
+				attrs["driver.deskvm.harvest.advice"] = pstructs.NewStringAttribute(a)
+			}
 		}
 	}
 	return &drivers.Fingerprint{

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/deskcloud/deskcloud/internal/harvest"
 	"github.com/deskcloud/deskcloud/internal/owner"
 	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/nomad/plugins/drivers"
@@ -50,7 +51,7 @@ type yieldStatus struct {
 // runYield follows the owner for this task's VM and applies the decisions, until the VM
 // exits or ctx ends. start is the layer the VM is in now; announce reports it as a task
 // event (StartTask reports a VM restored from a checkpoint itself).
-func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.Policy, start yield.VMInfo, announce bool) {
+func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.Policy, hp *harvest.Forecast, start yield.VMInfo, announce bool) {
 	ctx, cancel := untilExit(ctx, h.machine)
 	defer cancel()
 	if h.mode == modeImage && start.Layer == yield.LayerIdleClass && time.Since(h.startedAt) < imageBootSettle {
@@ -62,6 +63,15 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 	}
 	if err := h.machine.SetIdle(true); err != nil {
 		h.events("cannot lower the vm's CPU priority; it competes with the owner at normal priority: "+err.Error(), nil)
+	}
+	if start.MemoryMiB > 0 && start.BalloonMiB == 0 {
+		// A VM restored from a checkpoint keeps the balloon it was saved with: carry on
+		// from there, or the guest never gets that memory back.
+		opCtx, opCancel := context.WithTimeout(ctx, yieldOpTimeout)
+		if b, _, err := h.machine.Memory(opCtx); err == nil && b > 0 && b < start.MemoryMiB {
+			start.BalloonMiB = b
+		}
+		opCancel()
 	}
 	samples, unsubscribe := sensor.subscribe()
 	defer unsubscribe()
@@ -78,10 +88,31 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 	}
 	memTick := time.NewTicker(memoryPoll)
 	defer memTick.Stop()
+	var fore *ahead
+	if hp != nil {
+		fore = &ahead{policy: *hp, since: time.Now()}
+	}
+	aheadTick := time.NewTicker(aheadEvery)
+	defer aheadTick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case now := <-aheadTick.C:
+			if fore == nil || paused {
+				continue
+			}
+			event, drain := fore.step(now, sensor, d)
+			if event != "" {
+				h.events(event, nil)
+			}
+			if drain != "" && p.Preemption == yield.ModeCheckpoint {
+				if err := h.checkpoint(ctx, "drained: "+drain); err != nil {
+					h.events("drain failed, the vm carries on: "+err.Error(), nil)
+					continue
+				}
+				return
+			}
 		case <-memTick.C:
 			if start.MemoryMiB == 0 || paused {
 				continue

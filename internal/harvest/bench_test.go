@@ -10,14 +10,20 @@ import (
 	"github.com/deskcloud/deskcloud/predictor/trace/tracetest"
 )
 
+// benchPolicies are the policies the benchmarks time: HTCondor's and the default forecast
+// policy, with its floor layer.
+func benchPolicies() []namedPolicy {
+	return []namedPolicy{{"condor", NewCondor()}, {"forecast", DefaultForecast()}}
+}
+
 // BenchmarkSimulateSynthetic simulates 10,000 synthetic desktops for four weeks, one
 // simulation per iteration.
 func BenchmarkSimulateSynthetic(b *testing.B) {
 	desktops := fleet(10000, 4)
-	for _, p := range policies() {
-		b.Run(p.Name(), func(b *testing.B) {
+	for _, np := range benchPolicies() {
+		b.Run(np.name, func(b *testing.B) {
 			for b.Loop() {
-				if _, err := Simulate(b.Context(), p, desktops, Options{}); err != nil {
+				if _, err := Simulate(b.Context(), np.p, desktops, Options{}); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -58,10 +64,10 @@ func BenchmarkSimulateLibraryYear(b *testing.B) {
 		}
 		desktops[i] = append(desktops[i], Event{Time: rec.Time, State: rec.State})
 	}
-	for _, p := range policies() {
-		b.Run(p.Name(), func(b *testing.B) {
+	for _, np := range benchPolicies() {
+		b.Run(np.name, func(b *testing.B) {
 			for b.Loop() {
-				if _, err := Simulate(b.Context(), p, desktops, Options{From: from, To: to}); err != nil {
+				if _, err := Simulate(b.Context(), np.p, desktops, Options{From: from, To: to}); err != nil {
 					b.Fatal(err)
 				}
 			}

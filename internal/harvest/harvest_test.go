@@ -1,9 +1,11 @@
 package harvest
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -53,25 +55,51 @@ func fleet(n, weeks int) [][]Event {
 	return out
 }
 
-func policies() []Policy {
-	return []Policy{NewCondor(), NewForecast(10*time.Minute, 0.06, 0.02)}
+// namedPolicy is a policy with a name for subtests: every forecast policy is "forecast".
+type namedPolicy struct {
+	name string
+	p    Policy
+}
+
+// policies returns the policies the invariants are checked on: HTCondor's, the forecast
+// policy without its floor layer (shrinking where it drains), with it and drains, and the
+// default (floor, no drains).
+func policies() []namedPolicy {
+	return []namedPolicy{
+		{"condor", NewCondor()},
+		{"forecast-no-floor", NewForecast(10*time.Minute, 0.02, 0.06, 0.06)},
+		{"forecast-floor-drain", NewForecast(10*time.Minute, 0.02, 0.04, 0.08)},
+		{"forecast-default", DefaultForecast()},
+	}
 }
 
 func TestHarvestNeverExceedsIdleTime(t *testing.T) {
 	desktops := fleet(6, 6)
-	for _, p := range policies() {
-		t.Run(p.Name(), func(t *testing.T) {
-			for i, evs := range desktops {
-				r, err := Simulate(t.Context(), p, [][]Event{evs}, Options{From: day0.AddDate(0, 0, 14)})
-				must.NoError(t, err)
-				const eps = 1e-9
-				must.Positive(t, r.MachineHours, must.Sprintf("desktop %d harvested nothing", i))
-				must.LessEq(t, r.HarvestableHours+eps, r.MachineHours, must.Sprintf("desktop %d", i))
-				must.LessEq(t, r.AwayHours+eps, r.HarvestableHours)
-				must.LessEq(t, r.DesktopHours+eps, r.AwayHours)
-				must.LessEq(t, r.MachineHours+eps, r.LostHours)
-			}
-		})
+	for _, np := range policies() {
+		for _, loss := range []float64{0, 0.5, 1} {
+			t.Run(fmt.Sprintf("%s/floor-loss-%v", np.name, loss), func(t *testing.T) {
+				for i, evs := range desktops {
+					r, err := Simulate(t.Context(), np.p, [][]Event{evs}, Options{From: day0.AddDate(0, 0, 14), FloorLoss: loss})
+					must.NoError(t, err)
+					const eps = 1e-9
+					must.Positive(t, r.MachineHours, must.Sprintf("desktop %d harvested nothing", i))
+					must.LessEq(t, r.HarvestableHours+eps, r.MachineHours, must.Sprintf("desktop %d", i))
+					must.LessEq(t, r.AwayHours+eps, r.HarvestableHours)
+					must.LessEq(t, r.DesktopHours+eps, r.AwayHours)
+					must.InDelta(t, r.FullHours+r.FloorHours, r.MachineHours, eps, must.Sprint("full and floor hours make the machine-hours"))
+					must.LessEq(t, r.HarvestableHours+eps, r.FullHours+r.FloorHours)
+					must.Eq(t, 1-loss, r.FloorWork)
+					must.InDelta(t, r.FullHours+(1-loss)*r.FloorHours, r.HarvestedHours, eps)
+					must.LessEq(t, r.MachineHours+eps, r.HarvestedHours)
+					must.LessEq(t, r.HarvestedHours+eps, r.LostHours)
+					must.LessEq(t, r.HarvestedHours+eps, r.LostHoursNoCheckpoint)
+					if np.p.NeedsForecast() && np.name != "forecast-no-floor" {
+						continue
+					}
+					must.Zero(t, r.FloorHours, must.Sprint("a policy without a floor layer never puts a VM at its floor"))
+				}
+			})
+		}
 	}
 }
 
@@ -87,16 +115,159 @@ func TestEveryArrivalCountedOnce(t *testing.T) {
 			}
 		}
 	}
-	for _, p := range policies() {
-		t.Run(p.Name(), func(t *testing.T) {
-			r, err := Simulate(t.Context(), p, desktops, Options{From: from, To: to})
+	for _, np := range policies() {
+		t.Run(np.name, func(t *testing.T) {
+			r, err := Simulate(t.Context(), np.p, desktops, Options{From: from, To: to})
 			must.NoError(t, err)
 			must.Eq(t, want, r.Arrivals)
-			must.LessEq(t, r.Arrivals, r.Collisions)
+			must.Eq(t, r.Arrivals, r.Collisions+r.ArrivalsAtFloor+r.ArrivalsVacant, must.Sprintf("every arrival in one class: %+v", r))
 			stops := r.Drains + r.Preemptions + r.PowerOffs
 			must.LessEq(t, r.Starts, stops, must.Sprint("every stop is of a started VM"))
 			must.LessEq(t, stops+int64(r.Desktops), r.Starts, must.Sprint("every VM but the last of a desktop stops"))
+			must.LessEq(t, r.Shrinks, r.Grows, must.Sprint("every grow is of a VM shrunk"))
+			switch np.name {
+			case "condor", "forecast-no-floor":
+				must.Zero(t, r.ArrivalsAtFloor+r.Shrinks+r.Grows, must.Sprintf("no floor layer: %+v", r))
+			default:
+				must.Positive(t, r.ArrivalsAtFloor, must.Sprint("some owners find a VM at its floor"))
+				must.Positive(t, r.Grows, must.Sprint("some VMs grow back"))
+			}
 		})
+	}
+}
+
+// TestNoFloorLayerUnchanged pins HTCondor's policy, and the forecast policy with its floor
+// layer off, to what the simulator reported before the floor layer existed (this fleet,
+// measured at the commit before it): for them the layer must change nothing, whatever
+// the floor options.
+func TestNoFloorLayerUnchanged(t *testing.T) {
+	desktops := fleet(8, 10)
+	tests := []struct {
+		name string
+		p    Policy
+		want Report
+	}{
+		{"condor", NewCondor(), Report{
+			Policy: "condor", Desktops: 8, DesktopHours: 7724.019536646388, AwayHours: 5882.10203301179,
+			HarvestableHours: 5262.102033012353, MachineHours: 5114.575063822874, Arrivals: 588, Collisions: 588,
+			Starts: 703, Suspends: 588, Preemptions: 576, PowerOffs: 124,
+			LostHours: 174.57506382489362, LostHoursNoCheckpoint: 369.57506382489373,
+		}},
+		{"forecast-no-floor", NewForecast(10*time.Minute, 0.02, 0.06, 0.06), Report{
+			Policy: "forecast", Desktops: 8, DesktopHours: 7724.019536652019, AwayHours: 5882.102033014941,
+			HarvestableHours: 5262.102033014662, MachineHours: 4740.800335304453, Arrivals: 588, Collisions: 138,
+			Starts: 502, Suspends: 138, Drains: 248, Preemptions: 127, PowerOffs: 124,
+			LostHours: 49.267001971199726, LostHoursNoCheckpoint: 193.80033530453306,
+		}},
+	}
+	for _, tc := range tests {
+		for _, opt := range []Options{{}, {FloorLoss: 0.7, ShrinkTime: 3 * time.Minute}} {
+			t.Run(fmt.Sprintf("%s/floor-loss-%v", tc.name, opt.FloorLoss), func(t *testing.T) {
+				opt.From = day0.AddDate(0, 0, 28)
+				r, err := Simulate(t.Context(), tc.p, desktops, opt)
+				must.NoError(t, err)
+				want := tc.want
+				// The floor layer's fields follow from the rest.
+				want.FullHours, want.HarvestedHours, want.FloorWork = want.MachineHours, want.MachineHours, 1-opt.FloorLoss
+				want.ArrivalsVacant = want.Arrivals - want.Collisions
+				must.Eq(t, want, r)
+			})
+		}
+	}
+}
+
+// scripted is a policy for timelines: it starts a VM whenever the desktop is harvestable
+// before stopStarts, shrinks it at shrinkAt, grows it at growAt, and otherwise acts as
+// HTCondor does on an owner.
+type scripted struct {
+	shrinkAt, growAt, stopStarts time.Time
+}
+
+func (scripted) Name() string        { return "scripted" }
+func (scripted) NeedsForecast() bool { return false }
+
+func (p scripted) Decide(s Situation) Action {
+	switch {
+	case s.Phase == Vacant && s.Harvestable && s.Now.Before(p.stopStarts):
+		return Start
+	case (s.Phase == Running || s.Phase == AtFloor) && s.OwnerPresent:
+		return Suspend
+	case s.Phase == Running && !s.Now.Before(p.shrinkAt) && s.Now.Before(p.growAt):
+		return Shrink
+	case s.Phase == AtFloor && !s.Now.Before(p.growAt):
+		return Grow
+	case s.Phase == Suspended:
+		return NewCondor().suspended(s)
+	}
+	return Hold
+}
+
+func TestFloorTimeline(t *testing.T) {
+	at := func(h, m, s int) time.Time {
+		return day0.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute + time.Duration(s)*time.Second)
+	}
+	p := scripted{shrinkAt: at(10, 0, 0), growAt: at(12, 0, 0), stopStarts: at(13, 30, 0)}
+	evs := []Event{
+		{at(8, 0, 0), predictor.InUse},
+		{at(9, 0, 0), predictor.Available},   // starts at once; shrinks at 10:00, at its floor from 10:01
+		{at(10, 0, 30), predictor.InUse},     // still shrinking: a collision; suspended above its floor
+		{at(10, 5, 0), predictor.Available},  // resumes at full size; shrinks again at 10:06
+		{at(10, 30, 0), predictor.InUse},     // at its floor: not a collision
+		{at(10, 35, 0), predictor.Available}, // resumes at its floor; grows at 12:00
+		{at(13, 0, 0), predictor.InUse},      // full size: a collision; evicted at 13:10
+		{at(14, 0, 0), predictor.Available},  // no more starts
+		{at(14, 30, 0), predictor.InUse},     // the desktop is vacant
+		{at(15, 0, 0), predictor.Available},
+	}
+	r, err := Simulate(t.Context(), p, [][]Event{evs}, Options{FloorLoss: 0.5})
+	must.NoError(t, err)
+	must.Eq(t, int64(4), r.Arrivals)
+	must.Eq(t, int64(2), r.Collisions)
+	must.Eq(t, int64(1), r.ArrivalsAtFloor)
+	must.Eq(t, int64(1), r.ArrivalsVacant)
+	must.Eq(t, int64(1), r.Starts)
+	must.Eq(t, int64(2), r.Shrinks)
+	must.Eq(t, int64(1), r.Grows)
+	must.Eq(t, int64(3), r.Suspends)
+	must.Eq(t, int64(1), r.Preemptions)
+	// Full size 09:00-10:00, 10:05-10:06 and 12:00-13:00: 121 minutes; at the floor (or
+	// shrinking to it) 10:00-10:00:30, 10:06-10:30 and 10:35-12:00: 109.5 minutes,
+	// credited half.
+	full, floor := 121.0/60, 109.5/60
+	must.InDelta(t, full, r.FullHours, 1e-9)
+	must.InDelta(t, floor, r.FloorHours, 1e-9)
+	must.InDelta(t, full+floor, r.MachineHours, 1e-9)
+	must.InDelta(t, full+0.5*floor, r.HarvestedHours, 1e-9)
+	// Checkpoints every 30 minutes of running: at 09:30, 10:00, 10:39:30, 11:09:30,
+	// 11:39:30, 12:09:30 and 12:39:30, so the eviction loses the 20.5 minutes at full size
+	// since; without checkpoints it loses the hour-long job in progress: 175.75 minutes of
+	// work done (121 + 109.5/2), 55.75 of them into the third job.
+	must.InDelta(t, 20.5/60, r.LostHours, 1e-9)
+	must.InDelta(t, 55.75/60, r.LostHoursNoCheckpoint, 1e-9)
+}
+
+func TestFloorLostWorkAtFloorRate(t *testing.T) {
+	// A VM at its floor when the desktop goes off loses the work done since its last
+	// checkpoint, at the floor's rate.
+	at := func(h, m int) time.Time { return day0.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute) }
+	p := scripted{shrinkAt: at(9, 10), growAt: at(23, 0), stopStarts: at(9, 1)}
+	evs := []Event{
+		{at(8, 0), predictor.InUse},
+		{at(9, 0), predictor.Available}, // starts; at its floor from 09:10 (shrinking to 09:11)
+		{at(9, 50), predictor.Offline},  // checkpointed at 09:30: 20 minutes at the floor lost
+	}
+	r, err := Simulate(t.Context(), p, [][]Event{evs}, Options{FloorLoss: 0.75})
+	must.NoError(t, err)
+	must.Eq(t, int64(1), r.PowerOffs)
+	must.InDelta(t, 0.25*20.0/60, r.LostHours, 1e-9)
+	must.InDelta(t, (10+0.25*40)/60, r.LostHoursNoCheckpoint, 1e-9)
+	must.InDelta(t, (10+0.25*40)/60, r.HarvestedHours, 1e-9)
+}
+
+func TestSimulateRejectsFloorLoss(t *testing.T) {
+	for _, loss := range []float64{-0.1, 1.5, math.NaN()} {
+		_, err := Simulate(t.Context(), NewCondor(), fleet(1, 1), Options{FloorLoss: loss})
+		must.ErrorContains(t, err, "floor loss must be between 0 and 1", must.Sprintf("floor loss %v", loss))
 	}
 }
 
@@ -143,10 +314,13 @@ func TestCondorDecide(t *testing.T) {
 		{"suspended, owner left", Situation{Now: now, Phase: Suspended, PhaseSince: now.Add(-time.Minute), Harvestable: true}, Resume},
 		{"suspended a while", Situation{Now: now, Phase: Suspended, PhaseSince: now.Add(-9 * time.Minute), OwnerPresent: true}, Hold},
 		{"suspended too long", Situation{Now: now, Phase: Suspended, PhaseSince: now.Add(-10 * time.Minute), OwnerPresent: true}, Evict},
+		{"at floor, owner back", Situation{Now: now, Phase: AtFloor, OwnerPresent: true}, Suspend},
+		{"at floor, owner away: no floor layer", Situation{Now: now, Phase: AtFloor, Harvestable: true, OwnerIdle: time.Hour}, Grow},
+		{"draining", Situation{Now: now, Phase: Draining, OwnerPresent: true}, Hold},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			must.Eq(t, tc.want, c.Decide(tc.s))
+			must.Eq(t, tc.want, c.Decide(tc.s), must.Sprintf("situation %+v", tc.s))
 		})
 	}
 }
@@ -162,28 +336,101 @@ func forecastWith(perMinute float64) predictor.Forecast {
 }
 
 func TestForecastDecide(t *testing.T) {
-	p := NewForecast(10*time.Minute, 0.2, 0.05)
+	// With a lead of 10 minutes these read about 0.01, 0.07, 0.18 and 0.40.
+	quiet, middling, likely, very := forecastWith(0.001), forecastWith(0.007), forecastWith(0.02), forecastWith(0.05)
+	layered := NewForecast(10*time.Minute, 0.05, 0.1, 0.3)
+	noDrain := NewForecast(10*time.Minute, 0.05, 0.1, math.Inf(1))
+	noFloor := NewForecast(10*time.Minute, 0.05, 0.1, 0.1)
 	now := day0.Add(12 * time.Hour)
-	quiet, likely, middling := forecastWith(0.001), forecastWith(0.05), forecastWith(0.01)
+	longAgo, justNow := now.Add(-time.Hour), now.Add(-5*time.Minute)
 	tests := []struct {
 		name string
+		p    Forecast
 		s    Situation
 		want Action
 	}{
-		{"quiet, owner just left", Situation{Now: now, Harvestable: true, OwnerIdle: 30 * time.Second, Forecast: quiet}, Hold},
-		{"quiet", Situation{Now: now, Harvestable: true, OwnerIdle: 2 * time.Minute, Forecast: quiet}, Start},
-		{"owner likely back", Situation{Now: now, Harvestable: true, OwnerIdle: time.Hour, Forecast: likely}, Hold},
-		{"running, quiet", Situation{Now: now, Phase: Running, Harvestable: true, Forecast: quiet}, Hold},
-		{"running, between thresholds", Situation{Now: now, Phase: Running, Harvestable: true, Forecast: middling}, Hold},
-		{"running, owner likely back", Situation{Now: now, Phase: Running, Harvestable: true, Forecast: likely}, Drain},
-		{"running, owner back", Situation{Now: now, Phase: Running, OwnerPresent: true, Forecast: quiet}, Suspend},
-		{"suspended too long", Situation{Now: now, Phase: Suspended, PhaseSince: now.Add(-time.Hour), OwnerPresent: true}, Evict},
+		{"quiet, owner just left", layered, Situation{Now: now, Harvestable: true, OwnerIdle: 30 * time.Second, Forecast: quiet}, Hold},
+		{"quiet", layered, Situation{Now: now, Harvestable: true, OwnerIdle: 2 * time.Minute, Forecast: quiet}, Start},
+		{"vacant, between start and shrink", layered, Situation{Now: now, Harvestable: true, OwnerIdle: time.Hour, Forecast: middling}, Hold},
+		{"vacant, owner likely back", layered, Situation{Now: now, Harvestable: true, OwnerIdle: time.Hour, Forecast: very}, Hold},
+		{"vacant, off", layered, Situation{Now: now, OwnerIdle: time.Hour, Forecast: quiet}, Hold},
+
+		{"running, quiet", layered, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: quiet}, Hold},
+		{"running, between start and shrink", layered, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: middling}, Hold},
+		{"running, owner likely back", layered, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: likely}, Shrink},
+		{"running, owner very likely back", layered, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: very}, Drain},
+		{"running, owner back", layered, Situation{Now: now, Phase: Running, OwnerPresent: true, Forecast: quiet}, Suspend},
+		{"running, no forecast", layered, Situation{Now: now, Phase: Running, Harvestable: true}, Drain},
+
+		{"at floor, owner still likely back", layered, Situation{Now: now, Phase: AtFloor, PhaseSince: longAgo, Harvestable: true, Forecast: likely}, Hold},
+		{"at floor, between start and shrink", layered, Situation{Now: now, Phase: AtFloor, PhaseSince: longAgo, Harvestable: true, Forecast: middling}, Hold},
+		{"at floor, quiet again", layered, Situation{Now: now, Phase: AtFloor, PhaseSince: longAgo, Harvestable: true, Forecast: quiet}, Grow},
+		{"at floor, quiet again but only just shrunk", layered, Situation{Now: now, Phase: AtFloor, PhaseSince: justNow, Harvestable: true, Forecast: quiet}, Hold},
+		{"at floor, quiet again after MinFloor", layered, Situation{Now: now, Phase: AtFloor, PhaseSince: now.Add(-layered.MinFloor), Harvestable: true, Forecast: quiet}, Grow},
+		{"at floor, owner very likely back", layered, Situation{Now: now, Phase: AtFloor, PhaseSince: justNow, Harvestable: true, Forecast: very}, Drain},
+		{"at floor, owner back", layered, Situation{Now: now, Phase: AtFloor, PhaseSince: longAgo, OwnerPresent: true}, Suspend},
+
+		{"suspended, owner left", layered, Situation{Now: now, Phase: Suspended, PhaseSince: justNow, Harvestable: true}, Resume},
+		{"suspended a while", layered, Situation{Now: now, Phase: Suspended, PhaseSince: justNow, OwnerPresent: true}, Hold},
+		{"suspended too long", layered, Situation{Now: now, Phase: Suspended, PhaseSince: longAgo, OwnerPresent: true}, Evict},
+		{"draining", layered, Situation{Now: now, Phase: Draining, PhaseSince: justNow, Harvestable: true, Forecast: quiet}, Hold},
+
+		{"drains off: running, owner very likely back", noDrain, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: very}, Shrink},
+		{"drains off: at floor, owner very likely back", noDrain, Situation{Now: now, Phase: AtFloor, PhaseSince: justNow, Harvestable: true, Forecast: very}, Hold},
+		{"drains off: at floor, no forecast", noDrain, Situation{Now: now, Phase: AtFloor, PhaseSince: justNow, Harvestable: true}, Hold},
+		{"floor off: running, owner likely back", noFloor, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: likely}, Drain},
+		{"floor off: running, between start and drain", noFloor, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: middling}, Hold},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			must.Eq(t, tc.want, p.Decide(tc.s))
+			must.Eq(t, tc.want, tc.p.Decide(tc.s), must.Sprintf("p = %.3f", ReturnWithin(tc.s.Forecast, tc.p.Lead)))
 		})
 	}
+}
+
+func TestForecastValidate(t *testing.T) {
+	flag := func(k string) string { return "--" + strings.ReplaceAll(k, "_", "-") }
+	tests := []struct {
+		name  string
+		edit  func(*Forecast)
+		key   func(string) string
+		wants []string
+	}{
+		{"default", func(*Forecast) {}, nil, nil},
+		{"drains off", func(f *Forecast) { f.DrainAbove = 2 }, nil, nil},
+		{"floor off", func(f *Forecast) { f.ShrinkAbove = f.DrainAbove }, nil, nil},
+		{"no lead", func(f *Forecast) { f.Lead = 0 }, nil, []string{"lead must be positive, got 0s"}},
+		{"start at 0", func(f *Forecast) { f.StartBelow = 0 }, nil, []string{"start_below must be above 0 and at most 1, got 0"}},
+		{"start above 1", func(f *Forecast) { f.StartBelow, f.ShrinkAbove = 1.5, 2 }, flag, []string{"--start-below must be above 0 and at most 1, got 1.5"}},
+		{"shrink below start", func(f *Forecast) { f.ShrinkAbove = 0.005 }, flag, []string{"--shrink-above must be at least --start-below (0.01), got 0.005"}},
+		{"drain below shrink", func(f *Forecast) { f.DrainAbove = 0.015 }, flag, []string{"--drain-above must be at least --shrink-above (0.02), got 0.015"}},
+		{"NaN", func(f *Forecast) { f.ShrinkAbove = math.NaN() }, nil, []string{"shrink_above must be at least start_below (0.01), got NaN", "drain_above must be at least shrink_above (NaN)"}},
+		{"negative durations", func(f *Forecast) { f.MinIdle, f.MinFloor = -time.Second, -time.Minute }, flag, []string{"--min-idle must not be negative, got -1s", "--min-floor must not be negative, got -1m0s"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := DefaultForecast()
+			tc.edit(&f)
+			err := f.Validate(tc.key)
+			if len(tc.wants) == 0 {
+				must.NoError(t, err)
+				return
+			}
+			for _, want := range tc.wants {
+				must.ErrorContains(t, err, want)
+			}
+		})
+	}
+}
+
+func TestNames(t *testing.T) {
+	must.Eq(t, "floor", AtFloor.String())
+	must.Eq(t, "phase(?)", Phase(99).String())
+	must.Eq(t, "shrink", Shrink.String())
+	must.Eq(t, "grow", Grow.String())
+	must.Eq(t, "action(?)", Action(99).String())
+	must.True(t, AtFloor.Holds())
+	must.False(t, Vacant.Holds())
 }
 
 func TestReturnWithin(t *testing.T) {
@@ -200,28 +447,33 @@ func TestReturnWithin(t *testing.T) {
 
 func TestSimulateIsDeterministic(t *testing.T) {
 	desktops := fleet(7, 4)
-	for _, p := range policies() {
-		a, err := Simulate(t.Context(), p, desktops, Options{Workers: 1})
+	for _, np := range policies() {
+		a, err := Simulate(t.Context(), np.p, desktops, Options{Workers: 1})
 		must.NoError(t, err)
-		b, err := Simulate(t.Context(), p, desktops, Options{Workers: 3})
+		b, err := Simulate(t.Context(), np.p, desktops, Options{Workers: 3})
 		must.NoError(t, err)
-		must.Eq(t, a, b)
+		must.Eq(t, a, b, must.Sprint(np.name))
 	}
 }
 
 func TestForecastPolicyCollidesLess(t *testing.T) {
 	// On regular owners the forecast policy must avoid most of the collisions HTCondor's
-	// rule runs into.
+	// rule runs into, with its floor layer or without.
 	desktops := fleet(8, 10)
 	opt := Options{From: day0.AddDate(0, 0, 28)}
 	condor, err := Simulate(t.Context(), NewCondor(), desktops, opt)
 	must.NoError(t, err)
-	fc, err := Simulate(t.Context(), NewForecast(10*time.Minute, 0.06, 0.02), desktops, opt)
-	must.NoError(t, err)
-	t.Logf("condor: %.0f h, %.1f%% collisions; forecast: %.0f h (%.0f%%), %.1f%% collisions",
-		condor.MachineHours, 100*condor.CollisionRate(), fc.MachineHours, 100*fc.MachineHours/condor.MachineHours, 100*fc.CollisionRate())
-	must.Less(t, condor.CollisionRate()/2, fc.CollisionRate())
-	must.Greater(t, condor.MachineHours/2, fc.MachineHours)
+	for _, np := range policies()[1:] {
+		t.Run(np.name, func(t *testing.T) {
+			fc, err := Simulate(t.Context(), np.p, desktops, opt)
+			must.NoError(t, err)
+			t.Logf("condor: %.0f h, %.1f%% collisions; %s: %.0f h (%.0f%%), %.1f%% collisions, %.1f%% at floor",
+				condor.HarvestedHours, 100*condor.CollisionRate(), np.name, fc.HarvestedHours,
+				100*fc.HarvestedHours/condor.HarvestedHours, 100*fc.CollisionRate(), 100*fc.AtFloorRate())
+			must.Less(t, condor.CollisionRate()/2, fc.CollisionRate())
+			must.Greater(t, condor.HarvestedHours/2, fc.HarvestedHours)
+		})
+	}
 }
 
 func TestSimulateRejectsDisorder(t *testing.T) {

@@ -4,18 +4,21 @@
 //
 // Two policies are provided. [Condor] is HTCondor's desktop policy: start once the owner
 // has been idle for 15 minutes, suspend the VM when they come back, evict it if they are
-// still there 10 minutes later. [Forecast] starts and drains by the owner-return forecast
-// (package predictor): it starts only when the owner is unlikely back within the lead time,
-// and drains (checkpoints and stops) as soon as they become likely back within it, so the
-// desktop is free before they sit down; when they arrive anyway it falls back on Condor's
-// suspend and evict.
+// still there 10 minutes later. [Forecast] acts on the owner-return forecast (package
+// predictor): it starts a VM only when the owner is unlikely back within the lead time,
+// shrinks it to its floor (balloon inflated, CPU still in the idle class) as the owner
+// becomes likely back, so the desktop's memory is free before they sit down, grows it back
+// when that passes, and drains it (checkpoints and stops) when the owner is very likely
+// back; when they arrive anyway it falls back on Condor's suspend and evict.
 //
 // Package internal/yield decides how a running VM gives way to an owner who is at the
 // desktop (pause, balloon, checkpoint); this package decides whether a VM should be on the
-// desktop at all.
+// desktop at all, and at what size while the owner is away.
 package harvest
 
 import (
+	"errors"
+	"fmt"
 	"math"
 	"time"
 
@@ -34,9 +37,15 @@ const (
 	Suspended
 	// Draining means the VM is writing its checkpoint before it stops.
 	Draining
+	// AtFloor means a VM is running with its memory handed back down to its floor (the
+	// guest's reported need plus the driver's memory_floor) by its balloon, ahead of the
+	// owner. Its CPU stays in the idle class and uncapped: the owner is away, and the idle
+	// class yields the CPU to them the instant they return, so only memory, which takes
+	// seconds to hand back, has to be handed back ahead of them.
+	AtFloor
 )
 
-var phaseNames = [...]string{"vacant", "running", "suspended", "draining"}
+var phaseNames = [...]string{"vacant", "running", "suspended", "draining", "floor"}
 
 // String names the phase.
 func (p Phase) String() string {
@@ -46,8 +55,9 @@ func (p Phase) String() string {
 	return "phase(?)"
 }
 
-// Holds reports whether a VM holds the desktop's resources in this phase: an owner who
-// arrives then collides with it.
+// Holds reports whether a VM is on the desktop in this phase, at full size or at its
+// floor. Whether an owner who arrives collides with it depends also on whether it is at
+// its floor; see [Report].
 func (p Phase) Holds() bool { return p != Vacant }
 
 // Action is what a policy asks for.
@@ -60,15 +70,22 @@ const (
 	Start
 	// Suspend pauses the running VM where it is.
 	Suspend
-	// Resume restarts a suspended VM.
+	// Resume restarts a suspended VM at the size it was suspended at: a VM suspended at its
+	// floor resumes at its floor (phase AtFloor) and grows only when a policy asks for Grow.
 	Resume
 	// Drain checkpoints the VM and stops it: the desktop is handed back with no work lost.
 	Drain
 	// Evict kills the VM: the work since its last checkpoint is lost.
 	Evict
+	// Shrink takes a running VM to its floor (phase AtFloor): the balloon inflates until the
+	// guest holds only its reported need plus the memory floor; the CPU stays in the idle
+	// class, uncapped. The VM keeps running.
+	Shrink
+	// Grow gives a VM at its floor its memory back (phase Running).
+	Grow
 )
 
-var actionNames = [...]string{"hold", "start", "suspend", "resume", "drain", "evict"}
+var actionNames = [...]string{"hold", "start", "suspend", "resume", "drain", "evict", "shrink", "grow"}
 
 // String names the action.
 func (a Action) String() string {
@@ -82,7 +99,8 @@ func (a Action) String() string {
 type Situation struct {
 	// Now is the time of the decision.
 	Now time.Time
-	// Phase is what deskcloud is doing on the desktop, since PhaseSince.
+	// Phase is what deskcloud is doing on the desktop, since PhaseSince. A VM resumed at its
+	// floor is AtFloor since it resumed.
 	Phase      Phase
 	PhaseSince time.Time
 	// Harvestable is whether the desktop is up with its owner away.
@@ -135,6 +153,15 @@ func (c Condor) Decide(s Situation) Action {
 		if s.OwnerPresent {
 			return Suspend
 		}
+	case AtFloor:
+		// Condor has no floor layer: a VM it finds at its floor (left there by another
+		// policy) is treated as running, and grown back while the owner is away.
+		switch {
+		case s.OwnerPresent:
+			return Suspend
+		case s.Harvestable:
+			return Grow
+		}
 	case Suspended:
 		return c.suspended(s)
 	}
@@ -152,27 +179,63 @@ func (c Condor) suspended(s Situation) Action {
 	return Hold
 }
 
-// Forecast starts and drains VMs by the owner-return forecast.
+// Forecast acts on the owner-return forecast. With p the probability that the owner is
+// back within Lead ([ReturnWithin]), it:
+//
+//   - starts a VM on a vacant desktop when p < StartBelow (and the owner has been away
+//     MinIdle);
+//   - shrinks a running VM to its floor when p >= ShrinkAbove, so that the desktop's memory
+//     is already handed back when the owner sits down;
+//   - grows a VM at its floor back when p < StartBelow again, after MinFloor at the floor;
+//   - drains a running VM, or one at its floor, when p >= DrainAbove;
+//   - on an owner who arrives anyway, suspends the VM (which stays at its floor if it was
+//     there) and evicts it if they stay, as Fallback does.
+//
+// StartBelow <= ShrinkAbove <= DrainAbove, which Validate checks. The gap between
+// StartBelow and ShrinkAbove is the hysteresis that keeps a VM from flapping between its
+// sizes; MinFloor damps what flapping is left. ShrinkAbove equal to DrainAbove turns the
+// floor layer off (a drain comes first), and a threshold above 1 is never reached: that
+// turns drains off, leaving the floor as the only layer ahead of the owner.
+//
+// Decide is a pure function of its Situation: the driver calls it on the node with the
+// live forecast, and the simulator with a replayed one.
 type Forecast struct {
-	// Lead is how far ahead the desktop must be free: a VM is drained when the owner is
-	// likely back within Lead.
+	// Lead is how far ahead the desktop must be ready: the probabilities below are of the
+	// owner's return within Lead.
 	Lead time.Duration
-	// DrainAbove is the probability of the owner's return within Lead at which a running
-	// VM is drained.
-	DrainAbove float64
-	// StartBelow is the probability below which a VM may start; below DrainAbove, so that a
-	// VM does not start only to drain at once.
+	// StartBelow is the probability below which a VM starts on a vacant desktop, and below
+	// which a VM at its floor grows back.
 	StartBelow float64
+	// ShrinkAbove is the probability at or above which a running VM shrinks to its floor.
+	ShrinkAbove float64
+	// DrainAbove is the probability at or above which a VM, at full size or at its floor,
+	// is drained; above 1, never.
+	DrainAbove float64
 	// MinIdle is how long the owner must have been away before a VM starts at all.
 	MinIdle time.Duration
-	// Fallback handles an owner who arrives while a VM still holds the desktop.
+	// MinFloor is how long a VM stays at its floor before it may grow back: every shrink
+	// costs the guest its page cache, and the balloon seconds of work.
+	MinFloor time.Duration
+	// Fallback handles an owner who arrives while a VM is on the desktop.
 	Fallback Condor
 }
 
-// NewForecast returns a forecast policy with the given lead and thresholds, falling back
-// on HTCondor's suspend and evict.
-func NewForecast(lead time.Duration, drainAbove, startBelow float64) Forecast {
-	return Forecast{Lead: lead, DrainAbove: drainAbove, StartBelow: startBelow, MinIdle: time.Minute, Fallback: NewCondor()}
+// NewForecast returns a forecast policy with the given lead and thresholds, a MinIdle of a
+// minute and a MinFloor of 15 minutes, falling back on HTCondor's suspend and evict.
+func NewForecast(lead time.Duration, startBelow, shrinkAbove, drainAbove float64) Forecast {
+	return Forecast{
+		Lead: lead, StartBelow: startBelow, ShrinkAbove: shrinkAbove, DrainAbove: drainAbove,
+		MinIdle: time.Minute, MinFloor: 15 * time.Minute, Fallback: NewCondor(),
+	}
+}
+
+// DefaultForecast returns the forecast policy with deskcloud's defaults, chosen on a
+// validation split of the library trace (docs/forecast.md, "Fleet simulation"): a lead of
+// 10 minutes; start, and grow back, below 0.01; shrink to the floor at 0.02; never drain
+// (DrainAbove is +Inf): on that trace draining ahead of the owner bought nothing the floor
+// did not; MinIdle a minute, MinFloor 15 minutes.
+func DefaultForecast() Forecast {
+	return NewForecast(10*time.Minute, 0.01, 0.02, math.Inf(1))
 }
 
 // Name returns "forecast".
@@ -181,7 +244,38 @@ func (Forecast) Name() string { return "forecast" }
 // NeedsForecast returns true.
 func (Forecast) NeedsForecast() bool { return true }
 
-// Decide applies the policy.
+// Validate checks the lead, the thresholds and the durations. Each error names its field
+// by key(k), k being the field's snake_case key (lead, start_below, shrink_above,
+// drain_above, min_idle, min_floor), so that a caller can name its own flag or attribute;
+// a nil key uses k itself. Several errors are joined.
+func (f Forecast) Validate(key func(k string) string) error {
+	if key == nil {
+		key = func(k string) string { return k }
+	}
+	var errs []error
+	if f.Lead <= 0 {
+		errs = append(errs, fmt.Errorf("%s must be positive, got %s", key("lead"), f.Lead))
+	}
+	if !(f.StartBelow > 0 && f.StartBelow <= 1) {
+		errs = append(errs, fmt.Errorf("%s must be above 0 and at most 1, got %v", key("start_below"), f.StartBelow))
+	}
+	if !(f.ShrinkAbove >= f.StartBelow) {
+		errs = append(errs, fmt.Errorf("%s must be at least %s (%v), got %v", key("shrink_above"), key("start_below"), f.StartBelow, f.ShrinkAbove))
+	}
+	if !(f.DrainAbove >= f.ShrinkAbove) {
+		errs = append(errs, fmt.Errorf("%s must be at least %s (%v), got %v", key("drain_above"), key("shrink_above"), f.ShrinkAbove, f.DrainAbove))
+	}
+	if f.MinIdle < 0 {
+		errs = append(errs, fmt.Errorf("%s must not be negative, got %s", key("min_idle"), f.MinIdle))
+	}
+	if f.MinFloor < 0 {
+		errs = append(errs, fmt.Errorf("%s must not be negative, got %s", key("min_floor"), f.MinFloor))
+	}
+	return errors.Join(errs...)
+}
+
+// Decide applies the policy. A Situation without a forecast (OwnerAway false) reads as the
+// owner back for certain.
 func (f Forecast) Decide(s Situation) Action {
 	switch s.Phase {
 	case Vacant:
@@ -189,11 +283,24 @@ func (f Forecast) Decide(s Situation) Action {
 			return Start
 		}
 	case Running:
-		switch {
-		case s.OwnerPresent:
+		if s.OwnerPresent {
 			return Suspend
-		case ReturnWithin(s.Forecast, f.Lead) >= f.DrainAbove:
+		}
+		switch p := ReturnWithin(s.Forecast, f.Lead); {
+		case p >= f.DrainAbove:
 			return Drain
+		case p >= f.ShrinkAbove:
+			return Shrink
+		}
+	case AtFloor:
+		if s.OwnerPresent {
+			return Suspend
+		}
+		switch p := ReturnWithin(s.Forecast, f.Lead); {
+		case p >= f.DrainAbove:
+			return Drain
+		case p < f.StartBelow && s.Now.Sub(s.PhaseSince) >= f.MinFloor:
+			return Grow
 		}
 	case Suspended:
 		return f.Fallback.suspended(s)

@@ -34,6 +34,16 @@ type Options struct {
 	// DrainTime is how long a drain holds the desktop while the checkpoint is written
 	// (default a minute).
 	DrainTime time.Duration
+	// ShrinkTime is how long a VM takes to reach its floor once asked to shrink: an owner
+	// who arrives sooner finds it still above its floor, a collision (default a minute; the
+	// balloon hands back a GiB in about 9 s under emulation, docs/performance.md, and a
+	// desktop's VM may have several to hand back).
+	ShrinkTime time.Duration
+	// FloorLoss is the fraction of a full-size VM's work that a VM at its floor does not
+	// do, from 0 to 1; a floor hour is credited 1-FloorLoss hours of work (default 0: the
+	// idle class gives the VM the whole CPU while the owner is away, so a job whose memory
+	// fits the floor runs at full speed; one that needs the memory handed back is slower).
+	FloorLoss float64
 	// JobLength is the length of the jobs a VM runs back to back, for the work lost
 	// without checkpointing: a stop loses the job in progress (default an hour).
 	JobLength time.Duration
@@ -61,6 +71,9 @@ func (o Options) withDefaults() Options {
 	if o.DrainTime <= 0 {
 		o.DrainTime = time.Minute
 	}
+	if o.ShrinkTime <= 0 {
+		o.ShrinkTime = time.Minute
+	}
 	if o.JobLength <= 0 {
 		o.JobLength = time.Hour
 	}
@@ -82,24 +95,39 @@ type Report struct {
 	DesktopHours     float64 `json:"desktop_hours"`
 	AwayHours        float64 `json:"away_hours"`
 	HarvestableHours float64 `json:"harvestable_hours"`
-	// MachineHours is the time VMs ran: the harvest.
-	MachineHours float64 `json:"machine_hours"`
-	// Arrivals counts owners coming back (an in-use period starting), each once;
-	// Collisions those that found a VM holding the desktop (running, draining or
-	// suspended).
-	Arrivals   int64 `json:"arrivals"`
-	Collisions int64 `json:"collisions"`
-	Starts     int64 `json:"starts"`
-	Suspends   int64 `json:"suspends"`
-	Drains     int64 `json:"drains"`
+	// MachineHours is the time VMs ran, FullHours at full size plus FloorHours at their
+	// floor (from the moment they were asked to shrink). HarvestedHours is the work done,
+	// in hours of a VM at full size: FullHours plus FloorWork (1-Options.FloorLoss) times
+	// FloorHours. For a policy without a floor layer the three harvest figures are equal.
+	MachineHours   float64 `json:"machine_hours"`
+	FullHours      float64 `json:"full_hours"`
+	FloorHours     float64 `json:"floor_hours"`
+	FloorWork      float64 `json:"floor_work"`
+	HarvestedHours float64 `json:"harvested_hours"`
+	// Arrivals counts owners coming back (an in-use period starting), each once and in one
+	// class: Collisions found a VM holding the desktop above its floor (running at full
+	// size, still shrinking, suspended while not at its floor, or draining: a drain writes
+	// the checkpoint, with the disk and memory that takes); ArrivalsAtFloor found a VM at
+	// its floor, running or suspended; ArrivalsVacant found no VM.
+	Arrivals        int64 `json:"arrivals"`
+	Collisions      int64 `json:"collisions"`
+	ArrivalsAtFloor int64 `json:"arrivals_at_floor"`
+	ArrivalsVacant  int64 `json:"arrivals_vacant"`
+	Starts          int64 `json:"starts"`
+	Suspends        int64 `json:"suspends"`
+	Drains          int64 `json:"drains"`
+	// Shrinks counts VMs taken to their floor, Grows VMs given their memory back.
+	Shrinks int64 `json:"shrinks"`
+	Grows   int64 `json:"grows"`
 	// Preemptions counts VMs evicted by the policy; PowerOffs VMs lost because the desktop
 	// went off under them.
 	Preemptions int64 `json:"preemptions"`
 	PowerOffs   int64 `json:"power_offs"`
-	// LostHours is the work lost when VMs checkpoint every CheckpointEvery and on drain: an
-	// eviction or power-off loses what ran since the last checkpoint. LostHoursNoCheckpoint
-	// is the work lost when they cannot checkpoint: every stop, drains included, loses the
-	// job of JobLength in progress.
+	// LostHours is the work lost when VMs checkpoint every CheckpointEvery of running and on
+	// drain: an eviction or power-off loses what ran since the last checkpoint.
+	// LostHoursNoCheckpoint is the work lost when they cannot checkpoint: every stop, drains
+	// included, loses the job of JobLength in progress. Both are in hours of work, as
+	// HarvestedHours is.
 	LostHours             float64 `json:"lost_hours"`
 	LostHoursNoCheckpoint float64 `json:"lost_hours_no_checkpoint"`
 }
@@ -112,6 +140,14 @@ func (r Report) CollisionRate() float64 {
 	return float64(r.Collisions) / float64(r.Arrivals)
 }
 
+// AtFloorRate is ArrivalsAtFloor over Arrivals.
+func (r Report) AtFloorRate() float64 {
+	if r.Arrivals == 0 {
+		return 0
+	}
+	return float64(r.ArrivalsAtFloor) / float64(r.Arrivals)
+}
+
 // add sums o into r.
 func (r *Report) add(o Report) {
 	r.Desktops += o.Desktops
@@ -119,11 +155,18 @@ func (r *Report) add(o Report) {
 	r.AwayHours += o.AwayHours
 	r.HarvestableHours += o.HarvestableHours
 	r.MachineHours += o.MachineHours
+	r.FullHours += o.FullHours
+	r.FloorHours += o.FloorHours
+	r.HarvestedHours += o.HarvestedHours
 	r.Arrivals += o.Arrivals
 	r.Collisions += o.Collisions
+	r.ArrivalsAtFloor += o.ArrivalsAtFloor
+	r.ArrivalsVacant += o.ArrivalsVacant
 	r.Starts += o.Starts
 	r.Suspends += o.Suspends
 	r.Drains += o.Drains
+	r.Shrinks += o.Shrinks
+	r.Grows += o.Grows
 	r.Preemptions += o.Preemptions
 	r.PowerOffs += o.PowerOffs
 	r.LostHours += o.LostHours
@@ -134,6 +177,9 @@ func (r *Report) add(o Report) {
 // desktop is simulated on its own, in parallel; the sum is taken in the order given, so the
 // result does not depend on the scheduling.
 func Simulate(ctx context.Context, p Policy, desktops [][]Event, opt Options) (Report, error) {
+	if !(opt.FloorLoss >= 0 && opt.FloorLoss <= 1) {
+		return Report{}, fmt.Errorf("floor loss must be between 0 and 1, got %v", opt.FloorLoss)
+	}
 	opt = opt.withDefaults()
 	reports := make([]Report, len(desktops))
 	errs := make([]error, opt.Workers)
@@ -163,7 +209,7 @@ func Simulate(ctx context.Context, p Policy, desktops [][]Event, opt Options) (R
 	if err := errors.Join(append(errs, ctx.Err())...); err != nil {
 		return Report{}, err
 	}
-	total := Report{Policy: p.Name()}
+	total := Report{Policy: p.Name(), FloorWork: 1 - opt.FloorLoss}
 	for _, r := range reports {
 		total.add(r)
 	}
@@ -185,8 +231,11 @@ type desktopSim struct {
 
 	phase      Phase
 	phaseSince time.Time
-	work       time.Duration // running time since the VM started
+	floor      bool          // the VM is at its floor, or on its way there: AtFloor, or suspended at it
+	floorFrom  time.Time     // when it reaches its floor
+	work       time.Duration // work done since the VM started
 	sinceCkpt  time.Duration // running time since its last checkpoint
+	ckptWork   time.Duration // work done since its last checkpoint
 
 	clock      time.Time // accounted up to here
 	forecast   predictor.Forecast
@@ -194,7 +243,7 @@ type desktopSim struct {
 }
 
 func simulateDesktop(p Policy, evs []Event, opt Options) (Report, error) {
-	d := &desktopSim{p: p, opt: opt, rep: Report{Policy: p.Name(), Desktops: 1}}
+	d := &desktopSim{p: p, opt: opt, rep: Report{Policy: p.Name(), Desktops: 1, FloorWork: 1 - opt.FloorLoss}}
 	if p.NeedsForecast() {
 		learn := predictor.LearnDesktop
 		if opt.Frozen {
@@ -274,10 +323,24 @@ func (d *desktopSim) account(t time.Time) {
 		if d.state.Harvestable() {
 			d.rep.HarvestableHours += h
 		}
-		if d.phase == Running {
+		if d.phase == Running || d.phase == AtFloor {
+			rate := 1.0
+			if d.phase == AtFloor {
+				rate = d.rep.FloorWork
+				d.rep.FloorHours += h
+			} else {
+				d.rep.FullHours += h
+			}
 			d.rep.MachineHours += h
-			d.work += dt
-			d.sinceCkpt = (d.sinceCkpt + dt) % d.opt.CheckpointEvery
+			d.rep.HarvestedHours += rate * h
+			w := workIn(dt, rate)
+			d.work += w
+			if d.sinceCkpt += dt; d.sinceCkpt >= d.opt.CheckpointEvery {
+				d.sinceCkpt %= d.opt.CheckpointEvery
+				d.ckptWork = workIn(d.sinceCkpt, rate)
+			} else {
+				d.ckptWork += w
+			}
 		}
 	}
 	d.clock = t
@@ -285,6 +348,19 @@ func (d *desktopSim) account(t time.Time) {
 		// The checkpoint is written: nothing is lost, unless VMs cannot checkpoint.
 		d.stop(0)
 	}
+}
+
+// workIn is the work done in dt at the given rate.
+func workIn(dt time.Duration, rate float64) time.Duration {
+	if rate == 1 {
+		return dt
+	}
+	return time.Duration(float64(dt) * rate)
+}
+
+// atFloor reports whether the VM is at its floor at t, rather than above it.
+func (d *desktopSim) atFloor(t time.Time) bool {
+	return d.floor && !t.Before(d.floorFrom)
 }
 
 // event applies one state change of the desktop, then lets the policy react.
@@ -306,7 +382,12 @@ func (d *desktopSim) event(e Event) error {
 	case e.State == predictor.InUse && prev.OwnerAway():
 		if in {
 			d.rep.Arrivals++
-			if d.phase.Holds() {
+			switch {
+			case !d.phase.Holds():
+				d.rep.ArrivalsVacant++
+			case d.atFloor(e.Time):
+				d.rep.ArrivalsAtFloor++
+			default:
 				d.rep.Collisions++
 			}
 		}
@@ -318,7 +399,7 @@ func (d *desktopSim) event(e Event) error {
 		if in {
 			d.rep.PowerOffs++
 		}
-		d.stop(d.sinceCkpt)
+		d.stop(d.ckptWork)
 	}
 	return d.decide(e.Time)
 }
@@ -350,7 +431,7 @@ func (d *desktopSim) decideAt(at time.Time, due bool) error {
 			s.OwnerIdle = at.Sub(d.firstSeen) // never seen active: idle since first seen
 		}
 	}
-	if d.model != nil && s.Harvestable && (d.phase == Vacant || d.phase == Running) {
+	if d.model != nil && s.Harvestable && (d.phase == Vacant || d.phase == Running || d.phase == AtFloor) {
 		if err := d.refreshForecast(at); err != nil {
 			return err
 		}
@@ -363,23 +444,37 @@ func (d *desktopSim) decideAt(at time.Time, due bool) error {
 			d.rep.Starts++
 		}
 	case Suspend:
-		if d.phase == Running {
+		if d.phase == Running || d.phase == AtFloor {
 			d.setPhase(Suspended, at)
 			d.rep.Suspends++
 		}
 	case Resume:
 		if d.phase == Suspended && s.Harvestable {
-			d.setPhase(Running, at)
+			if d.floor {
+				d.setPhase(AtFloor, at)
+			} else {
+				d.setPhase(Running, at)
+			}
 		}
 	case Drain:
-		if d.phase == Running {
+		if d.phase == Running || d.phase == AtFloor {
 			d.setPhase(Draining, at)
 			d.rep.Drains++
 		}
 	case Evict:
 		if d.phase.Holds() {
 			d.rep.Preemptions++
-			d.stop(d.sinceCkpt)
+			d.stop(d.ckptWork)
+		}
+	case Shrink:
+		if d.phase == Running {
+			d.setPhase(AtFloor, at)
+			d.rep.Shrinks++
+		}
+	case Grow:
+		if d.phase == AtFloor {
+			d.setPhase(Running, at)
+			d.rep.Grows++
 		}
 	case Hold:
 	default:
@@ -401,9 +496,23 @@ func (d *desktopSim) refreshForecast(at time.Time) error {
 	return nil
 }
 
+// setPhase moves the VM to phase p. A VM reaches its floor ShrinkTime after it is first
+// taken there, and stays there while suspended there. A paused guest cannot inflate its
+// balloon, so a VM suspended before it reached its floor stays above it, and resumes at
+// full size. A drain holds the desktop above the floor.
 func (d *desktopSim) setPhase(p Phase, at time.Time) {
 	if p == Running && d.phase == Vacant {
-		d.work, d.sinceCkpt = 0, 0
+		d.work, d.sinceCkpt, d.ckptWork = 0, 0, 0
+	}
+	switch p {
+	case AtFloor:
+		if !d.floor {
+			d.floor, d.floorFrom = true, at.Add(d.opt.ShrinkTime)
+		}
+	case Suspended:
+		d.floor = d.atFloor(at)
+	case Running, Draining:
+		d.floor = false
 	}
 	d.phase, d.phaseSince = p, at
 }
@@ -415,6 +524,6 @@ func (d *desktopSim) stop(lost time.Duration) {
 		d.rep.LostHours += lost.Hours()
 		d.rep.LostHoursNoCheckpoint += (d.work % d.opt.JobLength).Hours()
 	}
-	d.phase, d.phaseSince = Vacant, d.clock
-	d.work, d.sinceCkpt = 0, 0
+	d.phase, d.phaseSince, d.floor = Vacant, d.clock, false
+	d.work, d.sinceCkpt, d.ckptWork = 0, 0, 0
 }

@@ -119,6 +119,7 @@ const (
 	whyCapUp
 	whyMemoryShrink
 	whyMemoryGrow
+	whyMemoryAhead
 	whyMemoryFloor
 	whyResume
 	whyPauseActive
@@ -151,6 +152,7 @@ type Decider struct {
 	memHighFrom time.Time // since when MemAvailable has been above the high water
 	shortFrom   time.Time // since when the owner has been short of memory the VM cannot free
 	short       int       // MiB short, on the last sample
+	ahead       string    // why the guest is held at its floor ahead of the owner; "" if not
 
 	why  why
 	last Decision
@@ -198,6 +200,14 @@ func NewDecider(p Policy, vm VMInfo) *Decider {
 
 // Decision returns the last decision, or the VM's starting point before any sample.
 func (d *Decider) Decision() Decision { return d.last }
+
+// SetAhead holds the guest at its memory floor ahead of the owner's return, or lets it go
+// (why ""), from the next sample on. The harvest policy asks for this on the forecast
+// (package harvest, action Shrink): the balloon takes seconds to hand memory back, so it
+// is handed back before the owner sits down. why ends the event's reason ("owner likely
+// back within 10m (p 0.03)"). Let go, the guest grows back as when the owner's memory
+// recovers: after memory_recover_after with MemAvailable above memory_high_water.
+func (d *Decider) SetAhead(why string) { d.ahead = why }
 
 // Observe folds in one owner sample and what the driver last learnt of the guest's memory,
 // and returns the target. Samples should come in time order; one from before the previous
@@ -304,6 +314,10 @@ func (d *Decider) stepMemory(t time.Time, s owner.Sample, g Guest) (resumeShort 
 	resumeShort = max(0, deficit-reclaimable)
 
 	if d.phase == running {
+		if d.ahead != "" && g.BalloonMiB > 0 && floor < d.balloon {
+			d.balloon = floor
+			d.note(whyMemoryAhead)
+		}
 		switch {
 		case deficit > 0:
 			d.memHighFrom = time.Time{}
@@ -313,6 +327,8 @@ func (d *Decider) stepMemory(t time.Time, s owner.Sample, g Guest) (resumeShort 
 					d.note(whyMemoryShrink)
 				}
 			}
+		case d.ahead != "":
+			d.memHighFrom = time.Time{}
 		case s.MemAvailableMiB > d.p.MemoryHighWaterMiB && d.balloon < d.vm.MemoryMiB:
 			if d.memHighFrom.IsZero() {
 				d.memHighFrom = t
@@ -442,6 +458,8 @@ func (d *Decider) reason(st owner.State) string {
 		return fmt.Sprintf("owner has memory to spare: guest grown to %d MiB", d.balloon)
 	case whyMemoryShrink:
 		return fmt.Sprintf("owner short of memory: guest shrunk to %d MiB", d.balloon)
+	case whyMemoryAhead:
+		return fmt.Sprintf("%s: guest shrunk to its floor, %d MiB", d.ahead, d.balloon)
 	case whyCapUp:
 		if d.capPercent == 100 {
 			return fmt.Sprintf("owner %s: CPU uncapped", st)

@@ -156,6 +156,23 @@ func TestDeciderTransitions(t *testing.T) {
 			final: LayerIdleClass,
 		},
 		{
+			name: "ahead of the owner the guest goes to its floor, and grows back once let go",
+			play: func(w *world) {
+				w.live(time.Minute, away)
+				w.d.SetAhead("owner likely back within 10m")
+				w.live(2*time.Minute, away)
+				w.d.SetAhead("")
+				w.live(2*time.Minute, away)
+			},
+			want: []change{
+				// The floor: the guest's 1024 MiB plus memory_floor's 256.
+				{time.Minute, LayerMemory, "owner likely back within 10m: guest shrunk to its floor, 1280 MiB"},
+				// Plenty free, so memory_recover_after after the let-go it is all back.
+				{4 * time.Minute, LayerIdleClass, "owner has memory to spare: guest grown to 4096 MiB"},
+			},
+			final: LayerIdleClass,
+		},
+		{
 			name: "the balloon stops at the floor, and the shortfall checkpoints",
 			play: func(w *world) { w.live(time.Minute, reading.with(func(b *behaviour) { b.free = 1500 })) },
 			// The floor is 1024 used + 256; 1500 free less 1280 leaves 220 MiB, 804 short.
