@@ -7,7 +7,7 @@
 variable "steps" {
   type        = number
   default     = 300
-  description = "how many steps of work the job does (about 0.1 s each under TCG)"
+  description = "how many steps of work the job does (20-100 ms each under TCG, depending on the cap)"
 }
 
 job "checkpoint" {

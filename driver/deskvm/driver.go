@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -333,8 +334,21 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 		}
 	}
 	_ = os.RemoveAll(h.spec.SocketDir)
+	removeOwnCgroups(h.spec.CgroupDirs)
 	d.tasks.Delete(taskID)
 	return nil
+}
+
+// removeOwnCgroups removes the task's cgroups that Nomad does not: on cgroup v1 with cpuacct
+// mounted apart from cpu, the cpuacct dir is the driver's own (Nomad removes the
+// controllers it manages). A cgroup dir is removed with rmdir once no process is in it.
+func removeOwnCgroups(dirs []string) {
+	own := filepath.Join(cgroupRoot, "cpuacct") + string(filepath.Separator)
+	for _, dir := range dirs {
+		if strings.HasPrefix(dir, own) {
+			_ = os.Remove(dir)
+		}
+	}
 }
 
 // InspectTask returns the task's status.

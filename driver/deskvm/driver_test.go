@@ -2,6 +2,7 @@ package deskvm
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"os"
 	"os/exec"
@@ -487,4 +488,24 @@ func TestDriver_QEMUCrashFailsTask(t *testing.T) {
 			return false
 		}
 	})
+}
+
+// TestRemoveOwnCgroups checks that destroying a task removes the cgroup v1 cpuacct dir the
+// driver made for it, and no other.
+func TestRemoveOwnCgroups(t *testing.T) {
+	acct := filepath.Join(cgroupRoot, "cpuacct")
+	if sameMount(filepath.Join(cgroupRoot, "cpu"), acct) {
+		t.Skip("cpuacct is mounted with cpu here: Nomad removes it")
+	}
+	own := filepath.Join(acct, fmt.Sprintf("deskcloud-test-%d", os.Getpid()))
+	if err := os.Mkdir(own, 0o755); err != nil {
+		t.Skipf("no cgroup v1 cpuacct hierarchy to write to: %v", err)
+	}
+	t.Cleanup(func() { _ = os.Remove(own) })
+	other := t.TempDir()
+	removeOwnCgroups([]string{other, own})
+	_, err := os.Stat(own)
+	must.True(t, os.IsNotExist(err), must.Sprintf("the cpuacct dir must be gone, stat says %v", err))
+	_, err = os.Stat(other)
+	must.NoError(t, err, must.Sprint("dirs Nomad manages are left to Nomad"))
 }

@@ -103,6 +103,7 @@ func TestMain(m *testing.M) {
 		time.Sleep(2 * time.Second)
 		_ = theAgent.Stop(30 * time.Second)
 		if code == 0 {
+			unmountUnder(theAgent.Options().Dir)
 			os.RemoveAll(theAgent.Options().Dir)
 			os.RemoveAll(theAgent.Options().StateDir)
 		} else {

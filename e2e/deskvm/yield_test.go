@@ -28,9 +28,9 @@ import (
 // so the job is still running when the checkpoint comes.
 const yieldSteps = 300
 
-// yieldAgentConfig is the deskvm config of the yield agent: the owner's CPU sensed for real,
-// input replayed from a named pipe, and a policy with times short enough for a test.
-const yieldAgentConfig = `    yield {
+// yieldPolicy is the yield block of TestYieldCheckpointResume's agent: the owner's CPU sensed
+// for real and a policy with times short enough for a test.
+const yieldPolicy = `    yield {
       cpu_idle_below      = 0.5
       cpu_busy_above      = 0.8
       load_window         = "1s"
@@ -41,12 +41,80 @@ const yieldAgentConfig = `    yield {
       suspend_after       = "4s"
       resume_after        = "3s"
       checkpoint_after    = "8s"
-    }
-    owner {
+    }`
+
+// yieldOwnerConfig is the owner block of a yield agent: CPU and memory sensed for real from
+// /proc, input replayed from a named pipe (%q), and the forecast model kept in the agent's
+// dir (%q).
+const yieldOwnerConfig = `    owner {
       sources        = ["proc"]
       replay_file    = %q
       forecast_state = %q
     }`
+
+// startYieldAgent starts a Nomad agent of the test's own whose deskvm plugin yields under
+// policy (a yield block) to the owner of this machine, with the owner's input replayed from
+// a named pipe that the returned trace writes, away to begin with. It holds agentMu until
+// the test ends, and stops the agent and whatever jobs are left then.
+func startYieldAgent(t *testing.T, name, policy string) (*cluster.Agent, *inputTrace) {
+	t.Helper()
+	agent(t) // skips where the machine cannot run e2e
+	agentMu.Lock()
+	t.Cleanup(agentMu.Unlock)
+
+	dir, err := os.MkdirTemp("", "deskcloud-e2e-"+name+"-")
+	must.NoError(t, err)
+	state, err := os.MkdirTemp("/tmp", "dvm-y")
+	must.NoError(t, err)
+	pipe := filepath.Join(dir, "owner-input.fifo")
+	must.NoError(t, syscall.Mkfifo(pipe, 0o600))
+	o, err := cluster.Defaults(cluster.Options{
+		Name: "deskcloud-e2e-" + name, Dir: dir, StateDir: state, StopWithParent: true,
+		DeskvmConfig: policy + "\n" + fmt.Sprintf(yieldOwnerConfig, pipe, filepath.Join(dir, "forecast.model")),
+	})
+	must.NoError(t, err)
+	a, err := cluster.Start(o)
+	must.NoError(t, err)
+	t.Cleanup(func() {
+		jobs, _, _ := a.Client.Jobs().List(nil)
+		for _, j := range jobs {
+			_, _, _ = a.Client.Jobs().Deregister(j.ID, true, nil)
+		}
+		_ = a.Stop(30 * time.Second)
+		if !t.Failed() {
+			unmountUnder(dir)
+			os.RemoveAll(dir)
+			os.RemoveAll(state)
+		} else {
+			t.Logf("%s agent dir kept at %s", name, dir)
+		}
+	})
+	input := startInputTrace(t, pipe)
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	must.NoError(t, a.WaitReady(ctx))
+	return a, input
+}
+
+// unmountUnder unmounts what is mounted below dir, deepest first: the secrets and private
+// tmpfs of task dirs whose allocations the agent had not collected when it stopped, which
+// would otherwise keep dir from being removed.
+func unmountUnder(dir string) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return
+	}
+	var points []string
+	for line := range strings.Lines(string(b)) {
+		if f := strings.Fields(line); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+			points = append(points, f[4])
+		}
+	}
+	slices.SortFunc(points, func(a, b string) int { return len(b) - len(a) })
+	for _, p := range points {
+		_ = syscall.Unmount(p, syscall.MNT_DETACH)
+	}
+}
 
 // inputTrace writes the owner's input idle time to the driver's replay pipe twice a second:
 // 0 while the owner is at the keyboard, growing from an hour while they are away.
@@ -168,40 +236,7 @@ func chain(n int) (lines []string, result string) {
 // task is rescheduled and resumes from the checkpoint, and the job's output is exactly that
 // of an undisturbed run.
 func TestYieldCheckpointResume(t *testing.T) {
-	agent(t) // skips where the machine cannot run e2e
-	agentMu.Lock()
-	defer agentMu.Unlock()
-
-	dir, err := os.MkdirTemp("", "deskcloud-e2e-yield-")
-	must.NoError(t, err)
-	state, err := os.MkdirTemp("/tmp", "dvm-y")
-	must.NoError(t, err)
-	pipe := filepath.Join(dir, "owner-input.fifo")
-	must.NoError(t, syscall.Mkfifo(pipe, 0o600))
-	o, err := cluster.Defaults(cluster.Options{
-		Name: "deskcloud-e2e-yield", Dir: dir, StateDir: state, StopWithParent: true,
-		DeskvmConfig: fmt.Sprintf(yieldAgentConfig, pipe, filepath.Join(dir, "forecast.model")),
-	})
-	must.NoError(t, err)
-	a, err := cluster.Start(o)
-	must.NoError(t, err)
-	t.Cleanup(func() {
-		jobs, _, _ := a.Client.Jobs().List(nil)
-		for _, j := range jobs {
-			_, _, _ = a.Client.Jobs().Deregister(j.ID, true, nil)
-		}
-		_ = a.Stop(30 * time.Second)
-		if !t.Failed() {
-			os.RemoveAll(dir)
-			os.RemoveAll(state)
-		} else {
-			t.Logf("yield agent dir kept at %s", dir)
-		}
-	})
-	input := startInputTrace(t, pipe)
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
-	must.NoError(t, a.WaitReady(ctx))
+	a, input := startYieldAgent(t, "yield", yieldPolicy)
 
 	job := runJob(t, a, "jobs/checkpoint.nomad.hcl", func(j *api.Job) {
 		j.TaskGroups[0].Tasks[0].Config["args"] = []string{strconv.Itoa(yieldSteps)}
@@ -220,23 +255,30 @@ func TestYieldCheckpointResume(t *testing.T) {
 	load.stop()
 	input.setPresent(false)
 	second := waitSecondAlloc(t, a, *job.ID, first.ID, 5*time.Minute)
+	assertResumed(t, a, first, second, yieldSteps)
+}
+
+// assertResumed checks that second, the allocation that replaced the checkpointed first,
+// resumed from the checkpoint and completed, and that the count job's output across the two
+// is byte-identical to an undisturbed run of steps steps: every step exactly once, in order,
+// and the result file. It logs both allocations' events.
+func assertResumed(t *testing.T, a *cluster.Agent, first, second *api.Allocation, steps int) {
+	t.Helper()
 	events := cluster.Events(second, "count")
 	must.True(t, slices.ContainsFunc(events, func(e string) bool { return strings.Contains(e, "from checkpoint") }),
 		must.Sprintf("the new allocation must resume from the checkpoint; events: %q", events))
 	must.Eq(t, api.AllocClientStatusComplete, second.ClientStatus, must.Sprintf("events: %q", events))
 
-	// Byte-identical output: every step exactly once, in order, across the two
-	// allocations' logs, and the result file an undisturbed run writes.
 	out1, err := a.Logs(first, "count", "stdout")
 	must.NoError(t, err)
 	out2, err := a.Logs(second, "count", "stdout")
 	must.NoError(t, err)
-	want, result := chain(yieldSteps)
+	want, result := chain(steps)
 	got := stepLines(out1 + out2)
 	must.Eq(t, want, got, must.Sprint("the steps across both allocations must be those of an undisturbed run"))
 	before := len(stepLines(out1))
 	must.Positive(t, before, must.Sprint("the first allocation did some work before the checkpoint"))
-	t.Logf("checkpointed after step %d of %d; the resumed VM went on from step %d (0 steps redone)", before, yieldSteps, before+1)
+	t.Logf("checkpointed after step %d of %d; the resumed VM went on from step %d (0 steps redone)", before, steps, before+1)
 	r, err := a.Client.AllocFS().Cat(second, "alloc/data/result", nil)
 	must.NoError(t, err)
 	b, err := io.ReadAll(r)
