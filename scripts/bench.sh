@@ -15,3 +15,6 @@ go test -run '^$' -bench . -benchtime 1x -timeout 20m ./driver/vm/
 
 echo "==> owner sensing, yield decisions and forecasts (Go benchmarks)"
 go test -run '^$' -bench . -benchmem -count 1 ./internal/owner/ ./internal/yield/ ./predictor/...
+
+echo "==> fleet simulator, HTCondor's policy beside the forecast policy: the library trace's test year and 10,000 synthetic desktops for four weeks (target: each under 60 s)"
+go test -run '^$' -bench . -benchtime 1x -timeout 20m ./internal/harvest/
