@@ -19,7 +19,7 @@ import (
 const (
 	// DefaultCPUInterval is how often a ProcSource samples CPU: often enough that the yield
 	// policy can cap a VM within a fraction of a second of the owner getting busy.
-	DefaultCPUInterval = 25 * time.Millisecond
+	DefaultCPUInterval = 50 * time.Millisecond
 	// DefaultMemoryInterval is how often a ProcSource reads memory: memory pressure builds
 	// over seconds, and the balloon answers over seconds.
 	DefaultMemoryInterval = time.Second
@@ -110,6 +110,9 @@ func (p *ProcSource) Name() string { return "proc" }
 // Exclude sets the processes and cgroups whose CPU time is not the owner's: the QEMU
 // processes of deskcloud's VMs, or the cgroup directories they run in (cgroup v2 with
 // cpu.stat, or v1 cpuacct). It replaces the previous set and may be called while Run runs.
+//
+// Name each VM once, by pid or by cgroup: a process inside an excluded cgroup is subtracted
+// twice if it is excluded by pid as well.
 //
 // A process or cgroup counts from the second sample after it is added: its first sample
 // only sets the baseline, so for that one interval its CPU counts as the owner's, which errs
