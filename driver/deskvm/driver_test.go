@@ -509,3 +509,32 @@ func TestRemoveOwnCgroups(t *testing.T) {
 	_, err = os.Stat(other)
 	must.NoError(t, err, must.Sprint("dirs Nomad manages are left to Nomad"))
 }
+
+// TestDriver_StartWaitsForProbe starts a task while the accelerator probe is still running,
+// as a restarted agent may (its node still shows the driver healthy from before): the task
+// waits for the probe instead of failing.
+func TestDriver_StartWaitsForProbe(t *testing.T) {
+	b := fakeBackend()
+	release := make(chan struct{})
+	probe := b.probe
+	b.probe = func(ctx context.Context, c *Config) hostInfo {
+		<-release
+		return probe(ctx, c)
+	}
+	d := newDriver(testlog.HCLogger(t), b.newHV(t))
+	d.probe = b.probe
+	h := dtestutil.NewDriverHarness(t, d)
+	var data []byte
+	must.NoError(t, base.MsgPackEncode(&data, testPluginConfig(t)))
+	must.NoError(t, h.SetConfig(&base.Config{PluginConfig: data}))
+	t.Cleanup(d.Shutdown)
+	must.Eq(t, probePending, d.hostInfo().probe)
+
+	time.AfterFunc(300*time.Millisecond, func() { close(release) })
+	task := newTask(t, TaskConfig{Command: "/bin/sh", Args: []string{"-c", "exit 4"}})
+	cleanup := h.MkAllocDir(task, true)
+	t.Cleanup(cleanup)
+	handle, _, err := h.StartTask(task)
+	must.NoError(t, err, must.Sprint("a task started during the probe must wait for it, not fail"))
+	must.Eq(t, 4, waitExit(t, h, handle.Config.ID, 30*time.Second).ExitCode)
+}

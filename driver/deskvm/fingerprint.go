@@ -47,6 +47,27 @@ type hostInfo struct {
 	initrd      string
 }
 
+// probeWait bounds how long StartTask waits for the accelerator probe. A restarted agent may
+// place a task before its new plugin has probed (the node still shows the driver healthy from
+// before), and the probe takes seconds: the task waits rather than fail.
+const probeWait = time.Minute
+
+// waitProbe returns the host info once the probe is done, or as it is after max.
+func (d *Driver) waitProbe(max time.Duration) hostInfo {
+	deadline := time.Now().Add(max)
+	for {
+		host := d.hostInfo()
+		if host.probe != probePending || !time.Now().Before(deadline) {
+			return host
+		}
+		select {
+		case <-d.ctx.Done():
+			return host
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
 func (d *Driver) hostInfo() hostInfo {
 	d.mu.RLock()
 	defer d.mu.RUnlock()

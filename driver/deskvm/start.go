@@ -36,7 +36,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, errors.New("deskvm is not configured yet")
 	}
 	d.sensor() // a checkpointed task resumes only when the owner allows
-	host := d.hostInfo()
+	host := d.waitProbe(probeWait)
 	switch {
 	case host.probe == probePending:
 		return nil, nil, structs.NewRecoverableError(errors.New("deskvm is still probing this host's accelerator"), true)
