@@ -319,7 +319,7 @@ var (
 		{"sources", "list(string)", `["proc", "input", "logind"]`},
 		{"replay_file", "string", ""},
 		{"replay_speed", "number", "1"},
-		{"cpu_interval", "string", `"50ms"`},
+		{"cpu_interval", "string", `"25ms"`},
 		{"forecast_state", "string", `"/var/lib/deskvm/forecast.model"`},
 		{"forecast_pool", "string", ""},
 	}, nil)

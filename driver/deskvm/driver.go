@@ -16,6 +16,7 @@ import (
 
 	"github.com/deskcloud/deskcloud/driver/vm"
 	"github.com/deskcloud/deskcloud/internal/harvest"
+	"github.com/deskcloud/deskcloud/internal/owner"
 	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/client/lib/cpustats"
@@ -247,12 +248,20 @@ func (d *Driver) excludeVMs() {
 		return
 	}
 	var pids []int
+	var cgroups []string
 	for _, h := range d.tasks.All() {
-		if h.isRunning() {
+		if !h.isRunning() {
+			continue
+		}
+		// Each VM once: by the cgroup that counts its CPU in nanoseconds where it has one,
+		// otherwise by its pid, whose /proc figures run in 10 ms ticks.
+		if dir := accountingCgroup(h.spec.CgroupDirs); dir != "" {
+			cgroups = append(cgroups, dir)
+		} else {
 			pids = append(pids, h.machine.PID())
 		}
 	}
-	sensor.exclude(pids)
+	sensor.exclude(pids, cgroups)
 }
 
 func (d *Driver) newHandle(cfg *drivers.TaskConfig, mode string, spec vm.Spec, m Machine, started time.Time) *taskHandle {
@@ -337,6 +346,16 @@ func (d *Driver) DestroyTask(taskID string, force bool) error {
 	removeOwnCgroups(h.spec.CgroupDirs)
 	d.tasks.Delete(taskID)
 	return nil
+}
+
+// accountingCgroup is the one of a task's cgroup dirs that counts its CPU time, or "".
+func accountingCgroup(dirs []string) string {
+	for _, dir := range dirs {
+		if _, _, ok := owner.CgroupCounter(dir); ok {
+			return dir
+		}
+	}
+	return ""
 }
 
 // removeOwnCgroups removes the task's cgroups that Nomad does not: on cgroup v1 with cpuacct

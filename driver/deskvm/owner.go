@@ -84,7 +84,9 @@ func (s *ownerSensor) sources(c *Config) []owner.Source {
 	for _, name := range c.Owner.Sources {
 		switch name {
 		case sourceProc:
-			s.proc = owner.NewProcSource(owner.ProcConfig{CPUInterval: c.Owner.cpuInterval()})
+			// The node's busy time from the root cgroup's nanosecond counter where there is
+			// one, so that the VMs, excluded by their cgroups, are taken out exactly.
+			s.proc = owner.NewProcSource(owner.ProcConfig{CPUInterval: c.Owner.cpuInterval(), TotalCgroup: owner.RootCgroup(cgroupRoot)})
 			srcs = append(srcs, s.proc)
 		case sourceInput:
 			srcs = append(srcs, owner.NewInputSource(owner.InputConfig{}))
@@ -158,9 +160,9 @@ func (s *ownerSensor) subscribe() (<-chan owner.Sample, func()) {
 }
 
 // exclude tells the proc source which processes are VMs, not the owner.
-func (s *ownerSensor) exclude(pids []int) {
+func (s *ownerSensor) exclude(pids []int, cgroups []string) {
 	if s.proc != nil {
-		s.proc.Exclude(pids, nil)
+		s.proc.Exclude(pids, cgroups)
 	}
 }
 

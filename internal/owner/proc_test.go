@@ -114,6 +114,51 @@ func TestProcSourceSample(t *testing.T) {
 	must.SliceLen(t, 1, p.excluded)
 }
 
+// TestProcSourceCgroupTotal takes the node's busy time from a root cgroup's nanosecond
+// counter and the wall time, rather than from /proc/stat's ticks.
+func TestProcSourceCgroupTotal(t *testing.T) {
+	fp := newFakeProc(t)
+	root := filepath.Join(t.TempDir(), "cpuacct")
+	vm := filepath.Join(root, "nomad", "vm")
+	fp.write(filepath.Join(root, "cpuacct.usage"), "1000000000\n")
+	fp.write(filepath.Join(vm, "cpuacct.usage"), "500000000\n")
+	// A cgroup v1 cpu dir has a cpu.stat of throttling figures, which must not be taken for
+	// cgroup v2's usage.
+	fp.write(filepath.Join(vm, "cpu.stat"), "nr_periods 5\nnr_throttled 1\n")
+
+	p := NewProcSource(ProcConfig{Proc: fp.root, TotalCgroup: root, Cores: 2})
+	must.NoError(t, p.open())
+	defer p.close()
+	must.True(t, p.UsesCgroupTotal())
+	p.Exclude(nil, []string{vm})
+	_, err := p.sample(t0)
+	must.NoError(t, err)
+
+	// 50 ms on 2 cores is 100 ms of CPU: the node was busy 73 ms of it, the VM 61 ms.
+	fp.setStat(1000, 0) // /proc/stat says otherwise; it is not read
+	fp.write(filepath.Join(root, "cpuacct.usage"), "1073000000\n")
+	fp.write(filepath.Join(vm, "cpuacct.usage"), "561000000\n")
+	s, err := p.sample(t0.Add(50 * time.Millisecond))
+	must.NoError(t, err)
+	must.InDelta(t, 0.12, s.CPU, 1e-9)
+
+	// Without a readable root the source falls back on /proc/stat.
+	q := NewProcSource(ProcConfig{Proc: fp.root, TotalCgroup: filepath.Join(t.TempDir(), "none")})
+	must.NoError(t, q.open())
+	defer q.close()
+	must.False(t, q.UsesCgroupTotal())
+}
+
+func TestRootCgroup(t *testing.T) {
+	dir := t.TempDir()
+	must.Eq(t, "", RootCgroup(dir))
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "cpu.stat"), []byte("usage_usec 5\n"), 0o644))
+	must.Eq(t, dir, RootCgroup(dir), must.Sprint("cgroup v2 root"))
+	must.NoError(t, os.MkdirAll(filepath.Join(dir, "cpu,cpuacct"), 0o755))
+	must.NoError(t, os.WriteFile(filepath.Join(dir, "cpu,cpuacct", "cpuacct.usage"), []byte("5\n"), 0o644))
+	must.Eq(t, filepath.Join(dir, "cpu,cpuacct"), RootCgroup(dir), must.Sprint("cgroup v1 cpuacct first"))
+}
+
 func TestProcSourceErrors(t *testing.T) {
 	cases := []struct {
 		name    string

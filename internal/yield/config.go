@@ -101,7 +101,7 @@ func DefaultPolicy() Policy {
 			{LoadAbove: 0.3, Percent: 25},
 			{LoadAbove: 0.5, Percent: 10},
 		},
-		CapWindow:            100 * time.Millisecond,
+		CapWindow:            50 * time.Millisecond,
 		CapRecoverAfter:      30 * time.Second,
 		MemoryLowWaterMiB:    1024,
 		MemoryHighWaterMiB:   2048,

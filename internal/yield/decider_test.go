@@ -30,7 +30,7 @@ func TestDeciderTransitions(t *testing.T) {
 		{
 			name: "owner gets busy: the cap drops to the lowest band on the first busy sample",
 			play: func(w *world) { w.live(10*time.Minute, away).live(10*time.Second, busy) },
-			// With samples a second apart, a 100 ms cap_window follows each sample as it
+			// With samples a second apart, a 50 ms cap_window follows each sample as it
 			// comes; the owner's state still climbs over the 5 s load_window.
 			want:  []change{{10 * time.Minute, LayerCPUCap, "owner active: CPU capped at 10%"}},
 			final: LayerCPUCap,
