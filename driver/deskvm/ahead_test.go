@@ -30,14 +30,19 @@ func trainedSensor(t *testing.T, weeks int, end time.Time) *ownerSensor {
 	must.NoError(t, err)
 	t.Cleanup(func() { _ = live.Close() })
 	s := &ownerSensor{live: live}
-	for at := end.AddDate(0, 0, -7*weeks); !at.After(end); at = at.Add(5 * time.Minute) {
+	s.playOffice(end.AddDate(0, 0, -7*weeks), end)
+	return s
+}
+
+// playOffice feeds the sensor's forecast and status officeOwner every 5 minutes in [from, to].
+func (s *ownerSensor) playOffice(from, to time.Time) {
+	for at := from; !at.After(to); at = at.Add(5 * time.Minute) {
 		st := officeOwner(at)
-		live.Observe(at, st)
+		s.live.Observe(at, st)
 		if st != s.status.State {
 			s.status = owner.Status{State: st, Since: at}
 		}
 	}
-	return s
 }
 
 // TestAhead plays the forecast-driven layer against a real forecast of a desktop whose owner
@@ -78,13 +83,7 @@ func TestAhead(t *testing.T) {
 
 	// The owner came and went; at 03:00 the next night they are unlikely back for hours.
 	night := monday.AddDate(0, 0, 1).Add(3 * time.Hour)
-	for at := before; !at.After(night); at = at.Add(5 * time.Minute) {
-		st := officeOwner(at)
-		s.live.Observe(at, st)
-		if st != s.status.State {
-			s.status = owner.Status{State: st, Since: at}
-		}
-	}
+	s.playOffice(before, night)
 	sit, ok = s.situation(night)
 	must.True(t, ok)
 	t.Logf("P(back within %s) at 03:00 = %.4f", policy.Lead, harvest.ReturnWithin(sit.Forecast, policy.Lead))

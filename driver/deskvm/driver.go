@@ -221,7 +221,7 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo, announce bool) {
 	sensor := d.sensor()
 	d.mu.RLock()
-	policy, hp := d.policy, d.harvestPolicy()
+	policy, hp := d.policy, d.harvest
 	d.mu.RUnlock()
 	p, err := policy.ForTask(preemption)
 	if err != nil || sensor == nil {
@@ -235,9 +235,6 @@ func (d *Driver) startYield(h *taskHandle, preemption string, start yield.VMInfo
 		d.excludeVMs()
 	}()
 }
-
-// harvestPolicy is the harvest block's policy, nil when it is off. d.mu must be held.
-func (d *Driver) harvestPolicy() *harvest.Forecast { return d.harvest }
 
 // excludeVMs tells owner sensing which processes are this driver's VMs.
 func (d *Driver) excludeVMs() {

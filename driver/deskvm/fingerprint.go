@@ -305,7 +305,7 @@ func (d *Driver) buildFingerprint() *drivers.Fingerprint {
 			attrs["driver.deskvm."+k] = pstructs.NewStringAttribute(v)
 		}
 		d.mu.RLock()
-		hp := d.harvestPolicy()
+		hp := d.harvest
 		d.mu.RUnlock()
 		if hp != nil {
 			if a, ok := sensor.advice(now, *hp); ok {
