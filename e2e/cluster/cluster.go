@@ -40,6 +40,12 @@ type Options struct {
 	// DeskvmConfig is HCL added to the deskvm plugin's config block, such as a yield or owner
 	// block.
 	DeskvmConfig string
+	// Servers, when set, makes the agent a client only, joining these servers' RPC
+	// addresses (host:port): a second node on the same machine.
+	Servers []string
+	// CgroupParent is the client's cgroup parent, so that two clients on one machine keep
+	// their tasks' cgroups apart; empty means Nomad's default.
+	CgroupParent string
 	// StopWithParent stops the agent (SIGINT) when the process that started it dies, even by
 	// a panic that skips cleanup: for tests. make dev leaves it unset so the agent outlives it.
 	StopWithParent bool
@@ -133,6 +139,9 @@ func (o Options) LogPath() string { return filepath.Join(o.Dir, "nomad.log") }
 // PIDPath is the agent's pid file.
 func (o Options) PIDPath() string { return filepath.Join(o.Dir, "nomad.pid") }
 
+// RPCAddress is the agent's RPC address, for a client that joins it (Servers).
+func (o Options) RPCAddress() string { return "127.0.0.1:" + strconv.Itoa(o.RPCPort) }
+
 // Address is the agent's HTTP address.
 func (o Options) Address() string { return "http://127.0.0.1:" + strconv.Itoa(o.HTTPPort) }
 
@@ -222,7 +231,8 @@ func (a *Agent) PID() int { return a.pid }
 // Options returns the agent's options.
 func (a *Agent) Options() Options { return a.opts }
 
-// WaitReady waits until the agent has a leader, its node is ready and deskvm is healthy.
+// WaitReady waits until the cluster has a leader, the agent's own node is ready and its
+// deskvm is healthy.
 func (a *Agent) WaitReady(ctx context.Context) error {
 	var last string
 	for {
@@ -246,11 +256,10 @@ func (a *Agent) ready() (bool, string) {
 	if _, err := a.Client.Status().Leader(); err != nil {
 		return false, "no leader: " + err.Error()
 	}
-	nodes, _, err := a.Client.Nodes().List(nil)
-	if err != nil || len(nodes) == 0 {
-		return false, "no client node"
+	n, err := a.node()
+	if err != nil {
+		return false, err.Error()
 	}
-	n := nodes[0]
 	if n.Status != "ready" {
 		return false, "node " + n.Status
 	}
@@ -265,16 +274,28 @@ func (a *Agent) ready() (bool, string) {
 	return true, ""
 }
 
-// NodeID returns the client's node id.
+// NodeID returns the agent's own client node's id.
 func (a *Agent) NodeID() (string, error) {
-	nodes, _, err := a.Client.Nodes().List(nil)
+	n, err := a.node()
 	if err != nil {
 		return "", err
 	}
-	if len(nodes) == 0 {
-		return "", errors.New("no client node")
+	return n.ID, nil
+}
+
+// node finds the agent's own client node among the cluster's: a node is named after the
+// agent that runs it.
+func (a *Agent) node() (*api.NodeListStub, error) {
+	nodes, _, err := a.Client.Nodes().List(nil)
+	if err != nil {
+		return nil, err
 	}
-	return nodes[0].ID, nil
+	for _, n := range nodes {
+		if n.Name == a.opts.Name {
+			return n, nil
+		}
+	}
+	return nil, fmt.Errorf("no client node named %s among %d", a.opts.Name, len(nodes))
 }
 
 // Stop stops the agent: SIGINT, then SIGKILL after timeout. VMs keep running.

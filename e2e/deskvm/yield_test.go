@@ -43,11 +43,11 @@ const yieldPolicy = `    yield {
       checkpoint_after    = "8s"
     }`
 
-// yieldOwnerConfig is the owner block of a yield agent: CPU and memory sensed for real from
-// /proc, input replayed from a named pipe (%q), and the forecast model kept in the agent's
-// dir (%q).
+// yieldOwnerConfig is the owner block of a yield agent: the live sources (%s; the proc
+// source senses this machine's CPU and memory for real), input replayed from a named pipe
+// (%q), and the forecast model kept in the agent's dir (%q).
 const yieldOwnerConfig = `    owner {
-      sources        = ["proc"]
+      sources        = %s
       replay_file    = %q
       forecast_state = %q
     }`
@@ -61,25 +61,35 @@ func startYieldAgent(t *testing.T, name, policy string) (*cluster.Agent, *inputT
 	agent(t) // skips where the machine cannot run e2e
 	agentMu.Lock()
 	t.Cleanup(agentMu.Unlock)
+	return startYieldNode(t, name, policy, `["proc"]`, nil)
+}
 
+// startYieldNode starts a Nomad agent named deskcloud-e2e-name whose deskvm plugin yields
+// under policy, senses the owner live from sources (an HCL list) and replays their input
+// from a pipe that the returned trace writes. With servers it is a client only that joins
+// them, with a cgroup parent of its own: a second desktop on this machine. Its cleanup
+// stops the jobs still on the node, waits for their VMs to end, then stops the agent.
+func startYieldNode(t *testing.T, name, policy, sources string, servers []string) (*cluster.Agent, *inputTrace) {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "deskcloud-e2e-"+name+"-")
 	must.NoError(t, err)
 	state, err := os.MkdirTemp("/tmp", "dvm-y")
 	must.NoError(t, err)
 	pipe := filepath.Join(dir, "owner-input.fifo")
 	must.NoError(t, syscall.Mkfifo(pipe, 0o600))
-	o, err := cluster.Defaults(cluster.Options{
-		Name: "deskcloud-e2e-" + name, Dir: dir, StateDir: state, StopWithParent: true,
-		DeskvmConfig: policy + "\n" + fmt.Sprintf(yieldOwnerConfig, pipe, filepath.Join(dir, "forecast.model")),
-	})
+	o := cluster.Options{
+		Name: "deskcloud-e2e-" + name, Dir: dir, StateDir: state, StopWithParent: true, Servers: servers,
+		DeskvmConfig: policy + "\n" + fmt.Sprintf(yieldOwnerConfig, sources, pipe, filepath.Join(dir, "forecast.model")),
+	}
+	if servers != nil {
+		o.CgroupParent = "nomad-e2e-" + name
+	}
+	o, err = cluster.Defaults(o)
 	must.NoError(t, err)
 	a, err := cluster.Start(o)
 	must.NoError(t, err)
 	t.Cleanup(func() {
-		jobs, _, _ := a.Client.Jobs().List(nil)
-		for _, j := range jobs {
-			_, _, _ = a.Client.Jobs().Deregister(j.ID, true, nil)
-		}
+		stopNodeJobs(t, a)
 		_ = a.Stop(30 * time.Second)
 		if !t.Failed() {
 			unmountUnder(dir)
@@ -94,6 +104,31 @@ func startYieldAgent(t *testing.T, name, policy string) (*cluster.Agent, *inputT
 	defer cancel()
 	must.NoError(t, a.WaitReady(ctx))
 	return a, input
+}
+
+// stopNodeJobs deregisters every job with allocations on a's node and waits up to 30 s for
+// them to end there: a Nomad client that stops leaves its tasks running.
+func stopNodeJobs(t *testing.T, a *cluster.Agent) {
+	node, err := a.NodeID()
+	if err != nil {
+		return
+	}
+	allocs, _, err := a.Client.Nodes().Allocations(node, nil)
+	if err != nil {
+		return
+	}
+	for _, al := range allocs {
+		_, _, _ = a.Client.Jobs().Deregister(al.JobID, true, nil)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		allocs, _, err := a.Client.Nodes().Allocations(node, nil)
+		if err != nil || !slices.ContainsFunc(allocs, func(al *api.Allocation) bool { return !cluster.Terminal(al) }) {
+			return
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Logf("allocations on %s still running 30 s after their jobs were stopped", a.Options().Name)
 }
 
 // unmountUnder unmounts what is mounted below dir, deepest first: the secrets and private
