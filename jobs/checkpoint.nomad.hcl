@@ -4,6 +4,9 @@
 # reschedules it; ephemeral_disk { sticky, migrate } carries local/ (and the checkpoint) to
 # the new allocation, on this node or another, and deskvm resumes the VM from there. The
 # counter carries on where it stopped, and the result equals that of an undisturbed run.
+# Stopping the allocation (nomad alloc stop) checkpoints the task the same way on its way
+# out, and its replacement resumes it elsewhere. To resume on another node, every node's deskvm needs
+# the same checkpoint_key_file.
 variable "steps" {
   type        = number
   default     = 300

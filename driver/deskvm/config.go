@@ -17,9 +17,11 @@ import (
 
 // Defaults of the plugin config, in one place; the hclspec below spells the same values.
 const (
-	defaultQEMUBinary     = "qemu-system-x86_64"
-	defaultQEMUImgBinary  = "qemu-img"
-	defaultStateDir       = "/run/deskvm"
+	defaultQEMUBinary    = "qemu-system-x86_64"
+	defaultQEMUImgBinary = "qemu-img"
+	defaultStateDir      = "/run/deskvm"
+	// defaultCheckpointKey is where the node's checkpoint key lives (created on first use).
+	defaultCheckpointKey  = "/var/lib/deskvm/checkpoint.key"
 	defaultBootTimeout    = "2m"
 	defaultMemoryOverhead = 192 // MiB of QEMU's own memory on top of guest RAM, for the cgroup limit
 
@@ -56,9 +58,11 @@ var (
 		"state_dir":       hclspec.NewDefault(hclspec.NewAttr("state_dir", "string", false), hclspec.NewLiteral(`"/run/deskvm"`)),
 		"boot_timeout":    hclspec.NewDefault(hclspec.NewAttr("boot_timeout", "string", false), hclspec.NewLiteral(`"2m"`)),
 		"memory_overhead": hclspec.NewDefault(hclspec.NewAttr("memory_overhead", "number", false), hclspec.NewLiteral("192")),
-		"yield":           yieldSpec,
-		"owner":           ownerSpec,
-		"harvest":         harvestSpec,
+		"checkpoint_key_file": hclspec.NewDefault(hclspec.NewAttr("checkpoint_key_file", "string", false),
+			hclspec.NewLiteral(`"/var/lib/deskvm/checkpoint.key"`)),
+		"yield":   yieldSpec,
+		"owner":   ownerSpec,
+		"harvest": harvestSpec,
 	})
 
 	// taskConfigSpec is the task config, from a task's config block.
@@ -96,6 +100,11 @@ type Config struct {
 	BootTimeout string `codec:"boot_timeout"`
 	// MemoryOverhead is QEMU's own memory in MiB, added to guest RAM for the cgroup limit.
 	MemoryOverhead int `codec:"memory_overhead"`
+	// CheckpointKeyFile holds the key that signs checkpoints: a checkpoint is restored only
+	// if a deskvm with the same key made it for the same task. Created (random, mode 0600)
+	// if missing; give every node the same file to resume checkpoints on any of them. ""
+	// keeps a random key in the plugin's memory, so checkpoints do not outlive the plugin.
+	CheckpointKeyFile string `codec:"checkpoint_key_file"`
 	// Yield is the node's yield policy: how VMs give the desktop back to its owner.
 	Yield yield.Config `codec:"yield"`
 	// Owner says how the owner is sensed.
@@ -144,6 +153,9 @@ func (c *Config) validate() error {
 		errs = append(errs, fmt.Errorf("state_dir must be an absolute path, got %q", c.StateDir))
 	} else if len(c.StateDir) > 60 {
 		errs = append(errs, fmt.Errorf("state_dir must be at most 60 bytes long to leave room for socket names, got %q", c.StateDir))
+	}
+	if c.CheckpointKeyFile != "" && !filepath.IsAbs(c.CheckpointKeyFile) {
+		errs = append(errs, fmt.Errorf("checkpoint_key_file must be an absolute path or empty, got %q", c.CheckpointKeyFile))
 	}
 	if d, err := time.ParseDuration(c.BootTimeout); err != nil || d <= 0 {
 		errs = append(errs, fmt.Errorf("boot_timeout must be a positive duration such as \"2m\", got %q", c.BootTimeout))

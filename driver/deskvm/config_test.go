@@ -34,6 +34,7 @@ func TestConfigSpec_Defaults(t *testing.T) {
 	c := defaultConfig(t, "")
 	must.NoError(t, c.validate())
 	must.Eq(t, defaultStateDir, c.StateDir)
+	must.Eq(t, defaultCheckpointKey, c.CheckpointKeyFile)
 	must.True(t, c.Yield.Enabled)
 	p, err := c.yieldPolicy()
 	must.NoError(t, err)
@@ -85,6 +86,7 @@ func TestConfig_Validate(t *testing.T) {
 		{"relative initrd", func(c *Config) { c.Initrd = "initrd.gz" }, `initrd must be an absolute path, got "initrd.gz"`},
 		{"empty qemu binary", func(c *Config) { c.QEMUBinary = "" }, `qemu_binary must not be empty`},
 		{"relative state dir", func(c *Config) { c.StateDir = "run" }, `state_dir must be an absolute path, got "run"`},
+		{"relative checkpoint key", func(c *Config) { c.CheckpointKeyFile = "checkpoint.key" }, `checkpoint_key_file must be an absolute path or empty, got "checkpoint.key"`},
 		{"long state dir", func(c *Config) { c.StateDir = "/" + string(make([]byte, 70)) }, `state_dir must be at most 60 bytes`},
 		{"bad boot timeout", func(c *Config) { c.BootTimeout = "soon" }, `boot_timeout must be a positive duration such as "2m", got "soon"`},
 		{"negative boot timeout", func(c *Config) { c.BootTimeout = "-1s" }, `boot_timeout must be a positive duration`},

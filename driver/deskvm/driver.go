@@ -80,6 +80,8 @@ type Driver struct {
 	owner *ownerSensor
 	// harvest is the harvest block's forecast policy; nil when it is off.
 	harvest *harvest.Forecast
+	// ckey signs the checkpoints this driver makes and checks those it restores.
+	ckey    *checkpointKey
 	compute cpustats.Compute
 	host    hostInfo
 }
@@ -142,6 +144,7 @@ func (d *Driver) SetConfig(cfg *base.Config) error {
 	d.config = &c
 	d.policy = policy
 	d.harvest = hp
+	d.ckey = newCheckpointKey(c.CheckpointKeyFile)
 	d.compute = compute
 	d.mu.Unlock()
 	go func() {
@@ -188,7 +191,8 @@ func (d *Driver) TaskConfigSchema() (*hclspec.Spec, error) { return taskConfigSp
 func (d *Driver) Capabilities() (*drivers.Capabilities, error) { return capabilities, nil }
 
 // RecoverTask finds a task's VM again after a restart of the plugin or the Nomad agent. It
-// checks the real VM (pid and QMP) rather than assuming it runs.
+// checks the real VM (pid and QMP) rather than assuming it runs. A task that was waiting on
+// disk waits again, or finds the VM that came up from its checkpoint.
 func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	if handle == nil {
 		return errors.New("recover task: handle is nil")
@@ -199,6 +203,13 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	var st taskState
 	if err := handle.GetDriverState(&st); err != nil {
 		return fmt.Errorf("recover task %s: decode driver state: %w", handle.Config.ID, err)
+	}
+	// The driver state's copy of the task config has lost the task's driver config (Nomad's
+	// TaskConfig does not encode it there); Nomad's own copy has it, and checkpoints are
+	// signed for it (taskIdentity).
+	st.TaskConfig = handle.Config
+	if st.WaitingOn != "" {
+		return d.recoverWaiting(handle, st)
 	}
 	ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
 	defer cancel()
@@ -247,15 +258,16 @@ func (d *Driver) excludeVMs() {
 	var pids []int
 	var cgroups []string
 	for _, h := range d.tasks.All() {
-		if !h.isRunning() {
-			continue
+		m := h.currentMachine()
+		if m == nil || !h.isRunning() {
+			continue // a task waiting on disk has no VM
 		}
 		// Each VM once: by the cgroup that counts its CPU in nanoseconds where it has one,
 		// otherwise by its pid, whose /proc figures run in 10 ms ticks.
 		if dir := accountingCgroup(h.spec.CgroupDirs); dir != "" {
 			cgroups = append(cgroups, dir)
 		} else {
-			pids = append(pids, h.machine.PID())
+			pids = append(pids, m.PID())
 		}
 	}
 	sensor.exclude(pids, cgroups)
@@ -267,6 +279,7 @@ func (d *Driver) newHandle(cfg *drivers.TaskConfig, mode string, spec vm.Spec, m
 	d.mu.RUnlock()
 	return &taskHandle{
 		taskConfig: cfg,
+		ckey:       d.checkpointKey(),
 		mode:       mode,
 		spec:       spec,
 		machine:    m,
@@ -313,20 +326,30 @@ func (d *Driver) WaitTask(ctx context.Context, taskID string) (<-chan *drivers.E
 }
 
 // StopTask stops the task: signal (or SIGTERM), then SIGKILL after timeout; an image-mode
-// VM gets an ACPI power-down instead of the signal.
+// VM gets an ACPI power-down instead of the signal. A task that yields by checkpoint is
+// checkpointed instead, so that its replacement resumes it (drain.go).
 func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) error {
 	h, ok := d.tasks.Get(taskID)
 	if !ok {
 		return drivers.ErrTaskNotFound
 	}
+	if d.checkpointsOnStop(h) && h.checkpointForStop() {
+		return nil
+	}
 	return h.stop(timeout, signal)
 }
 
-// DestroyTask forgets the task; with force, a running VM is killed first.
+// DestroyTask forgets the task; with force, a running VM is killed first. A task waiting on
+// disk has no VM to lose: its wait ends, with or without force, and its checkpoint stays.
 func (d *Driver) DestroyTask(taskID string, force bool) error {
 	h, ok := d.tasks.Get(taskID)
 	if !ok {
 		return drivers.ErrTaskNotFound
+	}
+	if h.endWait(killedResult()) {
+		if err := h.awaitWaitEnd(); err != nil {
+			return err
+		}
 	}
 	if h.isRunning() {
 		if !force {
@@ -403,7 +426,9 @@ func (d *Driver) Shutdown() {
 		if g := h.currentGuest(); g != nil {
 			_ = g.Close()
 		}
-		_ = h.machine.Close()
+		if m := h.currentMachine(); m != nil {
+			_ = m.Close()
+		}
 	}
 }
 

@@ -145,6 +145,7 @@ owner {
   forecast_state = ""
 }`)
 	c.StateDir = shortTempDir(t)
+	c.CheckpointKeyFile = testKeyFile
 	c.BootTimeout = "90s"
 	c.ImagePaths = []string{filepath.Dir(guestkit.TestImage())}
 	return c

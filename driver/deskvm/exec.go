@@ -88,6 +88,9 @@ func (h *taskHandle) execGuest() (Guest, error) {
 	if !h.isRunning() {
 		return nil, fmt.Errorf("vm %s is not running", h.spec.Name)
 	}
+	if h.isWaiting() {
+		return nil, errWaitingOnDisk
+	}
 	g := h.currentGuest()
 	if g == nil {
 		return nil, fmt.Errorf("vm %s: guest agent not connected", h.spec.Name)

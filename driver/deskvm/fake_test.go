@@ -2,6 +2,9 @@ package deskvm
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -16,6 +19,8 @@ import (
 
 	"github.com/deskcloud/deskcloud/driver/guestctl"
 	"github.com/deskcloud/deskcloud/driver/vm"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/shoenig/test/must"
 )
 
 // fakeHypervisor stands in for QEMU in harness tests: each "VM" is a guest agent served over
@@ -27,6 +32,10 @@ type fakeHypervisor struct {
 	machines map[string]*fakeMachine
 	// bootFailure, when set, makes every VM die while booting with this cause.
 	bootFailure string
+	// restoreFailure, when set, makes every restore fail with this cause.
+	restoreFailure string
+	// launched and restored count the VMs started afresh and from a checkpoint.
+	launched, restored int
 }
 
 // newFakeHypervisor returns a fake whose host processes are all killed when the test ends,
@@ -44,6 +53,24 @@ func newFakeHypervisor(t *testing.T) *fakeHypervisor {
 }
 
 func (f *fakeHypervisor) Launch(ctx context.Context, spec vm.Spec) (Machine, error) {
+	f.mu.Lock()
+	f.launched++
+	f.mu.Unlock()
+	m, err := f.launch(spec)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// counts returns how many VMs were launched afresh and restored from checkpoints.
+func (f *fakeHypervisor) counts() (launched, restored int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.launched, f.restored
+}
+
+func (f *fakeHypervisor) launch(spec vm.Spec) (*fakeMachine, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
@@ -317,8 +344,62 @@ func (a *hostAgent) kill() {
 
 // The fake's yield controls: pause stops the command's process group, the rest is recorded.
 
+// Restore starts a VM from a fake checkpoint (writeFakeCheckpoint): its state file is the
+// guest command as JSON, which the restored VM runs, stopped (paused) until Resume.
 func (f *fakeHypervisor) Restore(ctx context.Context, spec vm.Spec, dir string) (Machine, error) {
-	return nil, errors.New("the fake hypervisor cannot restore checkpoints")
+	f.mu.Lock()
+	f.restored++
+	failure := f.restoreFailure
+	f.mu.Unlock()
+	if failure != "" {
+		return nil, fmt.Errorf("restore vm %s from %s: %s", spec.Name, dir, failure)
+	}
+	if err := vm.CheckCheckpoint(dir); err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(filepath.Join(dir, vm.CheckpointStateFile))
+	if err != nil {
+		return nil, err
+	}
+	var gs guestctl.Spec
+	if err := json.Unmarshal(b, &gs); err != nil {
+		return nil, fmt.Errorf("fake checkpoint %s: %w", dir, err)
+	}
+	m, err := f.launch(spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.agent.Start(ctx, gs); err != nil {
+		_ = m.Kill()
+		return nil, err
+	}
+	if err := m.setPaused(true); err != nil {
+		_ = m.Kill()
+		return nil, err
+	}
+	return m, nil
+}
+
+// writeFakeCheckpoint writes a complete checkpoint of the fake's format into task's
+// checkpoint dir: a VM that runs gs when restored. It returns the checkpoint's dir.
+func writeFakeCheckpoint(t *testing.T, task *drivers.TaskConfig, gs guestctl.Spec) string {
+	t.Helper()
+	dir := filepath.Join(checkpointBase(task), checkpointPrefix+time.Now().UTC().Format("20060102T150405.000000000"))
+	must.NoError(t, os.MkdirAll(dir, 0o700))
+	state, err := json.Marshal(gs)
+	must.NoError(t, err)
+	must.NoError(t, os.WriteFile(filepath.Join(dir, vm.CheckpointStateFile), state, 0o600))
+	sum := sha256.Sum256(state)
+	mf, err := json.Marshal(map[string]any{
+		"version": 1,
+		"vm":      "fake",
+		"state":   map[string]any{"file": vm.CheckpointStateFile, "size": len(state), "sha256": hex.EncodeToString(sum[:])},
+	})
+	must.NoError(t, err)
+	must.NoError(t, os.WriteFile(filepath.Join(dir, vm.CheckpointManifestFile), mf, 0o600))
+	must.NoError(t, vm.CheckCheckpoint(dir), must.Sprint("the fake checkpoint must pass the driver's check"))
+	signForTest(t, dir, task)
+	return dir
 }
 
 func (m *fakeMachine) SetIdle(on bool) error {

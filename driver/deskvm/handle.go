@@ -37,20 +37,26 @@ const (
 type taskHandle struct {
 	// Set at start or recover and never changed.
 	taskConfig *drivers.TaskConfig
-	mode       string
-	spec       vm.Spec
-	machine    Machine
-	startedAt  time.Time
-	logger     hclog.Logger
-	events     func(msg string, annotations map[string]string)
-	doneCh     chan struct{} // closed once exitResult is set
-	killed     atomic.Bool   // the driver itself killed the VM (stop after its timeout, destroy)
+	ckey       *checkpointKey // signs the VM's checkpoints
+	// checkpointMu lets one checkpoint at a time at the VM: the yield loop's and StopTask's.
+	checkpointMu sync.Mutex
+	mode         string
+	spec         vm.Spec
+	startedAt    time.Time
+	logger       hclog.Logger
+	events       func(msg string, annotations map[string]string)
+	doneCh       chan struct{} // closed once exitResult is set
+	killed       atomic.Bool   // the driver itself killed the VM (stop after its timeout, destroy)
 	// preempted is the task's result when yield ended the VM (checkpoint, restart); set
 	// before the VM exits so that the run loop reports it instead of a crash.
 	preempted atomic.Pointer[drivers.ExitResult]
 
-	mu          sync.RWMutex
-	guest       Guest // nil until connected, and while reconnecting
+	mu sync.RWMutex
+	// machine is the task's VM; nil while the task waits on disk (waiting), set once when
+	// its VM is restored.
+	machine     Machine
+	waiting     *diskWait // non-nil while the task waits on disk with no VM
+	guest       Guest     // nil until connected, and while reconnecting
 	state       drivers.TaskState
 	completedAt time.Time
 	exitResult  *drivers.ExitResult
@@ -61,23 +67,39 @@ type taskHandle struct {
 func (h *taskHandle) status() *drivers.TaskStatus {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	return &drivers.TaskStatus{
-		ID:          h.taskConfig.ID,
-		Name:        h.taskConfig.Name,
-		State:       h.state,
-		StartedAt:   h.startedAt,
-		CompletedAt: h.completedAt,
-		ExitResult:  h.exitResult.Copy(),
-		DriverAttributes: map[string]string{
-			"pid":             fmt.Sprint(h.machine.PID()),
-			"mode":            h.mode,
-			"vm":              h.spec.Name,
-			"layer":           h.yield.Layer.String(),
-			"cpu_cap_percent": fmt.Sprint(h.yield.CPUCapPercent),
-			"balloon_mib":     fmt.Sprint(h.yield.BalloonMiB),
-			"owner":           h.yield.Owner.String(),
-		},
+	pid := 0
+	if h.machine != nil {
+		pid = h.machine.PID()
 	}
+	attrs := map[string]string{
+		"pid":             fmt.Sprint(pid),
+		"mode":            h.mode,
+		"vm":              h.spec.Name,
+		"layer":           h.yield.Layer.String(),
+		"cpu_cap_percent": fmt.Sprint(h.yield.CPUCapPercent),
+		"balloon_mib":     fmt.Sprint(h.yield.BalloonMiB),
+		"owner":           h.yield.Owner.String(),
+	}
+	if h.waiting != nil {
+		attrs["layer"] = layerWaiting
+		attrs["checkpoint"] = h.waiting.checkpoint
+	}
+	return &drivers.TaskStatus{
+		ID:               h.taskConfig.ID,
+		Name:             h.taskConfig.Name,
+		State:            h.state,
+		StartedAt:        h.startedAt,
+		CompletedAt:      h.completedAt,
+		ExitResult:       h.exitResult.Copy(),
+		DriverAttributes: attrs,
+	}
+}
+
+// currentMachine returns the task's VM; nil while the task waits on disk.
+func (h *taskHandle) currentMachine() Machine {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.machine
 }
 
 func (h *taskHandle) preempt(res *drivers.ExitResult) { h.preempted.Store(res) }
@@ -119,15 +141,17 @@ func (h *taskHandle) setGuest(g Guest) {
 	h.guest = g
 }
 
-// run follows the task until it ends and records how. It returns early, leaving the VM
-// running, when ctx ends: the driver is shutting down and a later RecoverTask takes over.
+// run follows the task's VM until it ends and records how. It returns early, leaving the
+// VM running, when ctx ends: the driver is shutting down and a later RecoverTask takes over.
+// It starts once the task has a VM.
 func (h *taskHandle) run(ctx context.Context) {
+	m := h.currentMachine()
 	var res *drivers.ExitResult
 	switch h.mode {
 	case modeCommand:
-		res = h.runCommand(ctx)
+		res = h.runCommand(ctx, m)
 	case modeImage:
-		res = h.runImage(ctx)
+		res = h.runImage(ctx, m)
 	}
 	if res == nil {
 		return
@@ -138,37 +162,44 @@ func (h *taskHandle) run(ctx context.Context) {
 	if g := h.currentGuest(); g != nil {
 		_ = g.Close()
 	}
-	_ = h.machine.Close()
-	if err := h.machine.Cleanup(); err != nil {
+	_ = m.Close()
+	if err := m.Cleanup(); err != nil {
 		h.logger.Warn("remove vm sockets", "vm", h.spec.Name, "error", err)
 	}
+	h.finish(res)
+}
+
+// finish records the task's end; it is called once, by run or, for a task that ends while
+// it waits on disk, by the wait.
+func (h *taskHandle) finish(res *drivers.ExitResult) {
 	h.mu.Lock()
 	h.state = drivers.TaskStateExited
 	h.completedAt = time.Now()
 	h.exitResult = res
+	h.waiting = nil
 	h.mu.Unlock()
 	close(h.doneCh)
 }
 
-func (h *taskHandle) runCommand(ctx context.Context) *drivers.ExitResult {
+func (h *taskHandle) runCommand(ctx context.Context, m Machine) *drivers.ExitResult {
 	if rec, ok := loadExitRecord(h.spec); ok {
 		// A previous driver saw the command end; the guest may still be powering off.
-		h.awaitPowerOff(ctx)
+		h.awaitPowerOff(ctx, m)
 		return rec.result()
 	}
 	statusCh := make(chan guestctl.Status, 1)
-	go h.watchGuest(ctx, statusCh)
+	go h.watchGuest(ctx, m, statusCh)
 
 	select {
 	case st := <-statusCh:
-		return h.commandEnded(ctx, st)
-	case <-h.machine.Done():
+		return h.commandEnded(ctx, m, st)
+	case <-m.Done():
 		if res := h.preempted.Load(); res != nil {
 			return res
 		}
 		select {
 		case st := <-statusCh:
-			return h.commandEnded(ctx, st)
+			return h.commandEnded(ctx, m, st)
 		default:
 		}
 		if rec, ok := loadExitRecord(h.spec); ok {
@@ -177,7 +208,7 @@ func (h *taskHandle) runCommand(ctx context.Context) *drivers.ExitResult {
 		if h.killed.Load() {
 			return killedResult()
 		}
-		cause := h.machine.Failure()
+		cause := m.Failure()
 		if cause == "" {
 			cause = "the guest powered off without reporting an exit status"
 		}
@@ -189,14 +220,14 @@ func (h *taskHandle) runCommand(ctx context.Context) *drivers.ExitResult {
 
 // watchGuest keeps a connection to the guest agent and sends the command's final status. It
 // reconnects whenever the connection drops, until the VM exits or ctx ends.
-func (h *taskHandle) watchGuest(ctx context.Context, statusCh chan<- guestctl.Status) {
-	ctx, cancel := untilExit(ctx, h.machine)
+func (h *taskHandle) watchGuest(ctx context.Context, m Machine, statusCh chan<- guestctl.Status) {
+	ctx, cancel := untilExit(ctx, m)
 	defer cancel()
 	for {
 		g := h.currentGuest()
 		if g == nil {
 			var err error
-			g, err = h.machine.Guest(ctx)
+			g, err = m.Guest(ctx)
 			if err != nil {
 				return // ctx ended: the VM exited or the driver is shutting down
 			}
@@ -223,7 +254,7 @@ func (h *taskHandle) watchGuest(ctx context.Context, statusCh chan<- guestctl.St
 
 // commandEnded saves the command's exit status, lets the guest power off, and returns the
 // task's result.
-func (h *taskHandle) commandEnded(ctx context.Context, st guestctl.Status) *drivers.ExitResult {
+func (h *taskHandle) commandEnded(ctx context.Context, m Machine, st guestctl.Status) *drivers.ExitResult {
 	rec := exitRecord{ExitCode: st.ExitCode, Signal: st.Signal, Error: st.Error}
 	if err := saveExitRecord(h.spec, rec); err != nil {
 		h.logger.Error("exit status not saved; a driver restart now would lose it", "vm", h.spec.Name, "error", err)
@@ -232,27 +263,27 @@ func (h *taskHandle) commandEnded(ctx context.Context, st guestctl.Status) *driv
 		ackCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		if err := g.Ack(ackCtx); err != nil {
 			h.logger.Warn("guest did not take the exit acknowledgement; the vm will be killed", "vm", h.spec.Name, "error", err)
-			_ = h.machine.Kill()
+			_ = m.Kill()
 		}
 		cancel()
 	}
-	h.awaitPowerOff(ctx)
+	h.awaitPowerOff(ctx, m)
 	return rec.result()
 }
 
 // awaitPowerOff waits for the VM to exit by itself, killing it after powerOffGrace.
-func (h *taskHandle) awaitPowerOff(ctx context.Context) {
+func (h *taskHandle) awaitPowerOff(ctx context.Context, m Machine) {
 	select {
-	case <-h.machine.Done():
+	case <-m.Done():
 		return
 	case <-ctx.Done():
 		return
 	case <-time.After(powerOffGrace):
 	}
 	h.logger.Warn("guest did not power off; killing the vm", "vm", h.spec.Name)
-	_ = h.machine.Kill()
+	_ = m.Kill()
 	select {
-	case <-h.machine.Done():
+	case <-m.Done():
 	case <-ctx.Done():
 	}
 }
@@ -265,22 +296,22 @@ func (r exitRecord) result() *drivers.ExitResult {
 	return res
 }
 
-func (h *taskHandle) runImage(ctx context.Context) *drivers.ExitResult {
+func (h *taskHandle) runImage(ctx context.Context, m Machine) *drivers.ExitResult {
 	select {
-	case <-h.machine.Done():
+	case <-m.Done():
 	case <-ctx.Done():
 		return nil
 	}
 	if res := h.preempted.Load(); res != nil {
 		return res
 	}
-	if h.machine.GuestPoweredOff() {
+	if m.GuestPoweredOff() {
 		return &drivers.ExitResult{ExitCode: 0}
 	}
 	if h.killed.Load() {
 		return killedResult()
 	}
-	cause := h.machine.Failure()
+	cause := m.Failure()
 	if cause == "" {
 		cause = "the vm exited without the guest powering off"
 	}
@@ -293,17 +324,21 @@ func (h *taskHandle) stop(timeout time.Duration, signal string) error {
 	if !h.isRunning() {
 		return nil
 	}
+	sig := syscall.SIGTERM
+	var sigErr error
+	if signal != "" {
+		sig, sigErr = parseSignal(signal)
+	}
+	if h.endWait(stoppedResult(sig)) {
+		return h.awaitWaitEnd()
+	}
+	m := h.currentMachine()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout+killGrace+10*time.Second)
 	defer cancel()
 	switch h.mode {
 	case modeCommand:
-		sig := syscall.SIGTERM
-		if signal != "" {
-			s, err := parseSignal(signal)
-			if err != nil {
-				return err
-			}
-			sig = s
+		if sigErr != nil {
+			return sigErr
 		}
 		if err := h.signal(ctx, sig); err != nil {
 			h.logger.Warn("signal guest command", "vm", h.spec.Name, "signal", sig.String(), "error", err)
@@ -319,7 +354,7 @@ func (h *taskHandle) stop(timeout time.Duration, signal string) error {
 		}
 	case modeImage:
 		pdCtx, pdCancel := context.WithTimeout(ctx, 5*time.Second)
-		err := h.machine.Powerdown(pdCtx)
+		err := m.Powerdown(pdCtx)
 		pdCancel()
 		if err != nil {
 			h.logger.Warn("acpi power-down", "vm", h.spec.Name, "error", err)
@@ -337,10 +372,14 @@ func (h *taskHandle) stop(timeout time.Duration, signal string) error {
 	return nil
 }
 
-// kill ends the VM at once, and marks the end as the driver's doing, not a failure.
+// kill ends the VM at once, and marks the end as the driver's doing, not a failure. A task
+// waiting on disk ends its wait instead, keeping its checkpoint.
 func (h *taskHandle) kill() error {
+	if h.endWait(killedResult()) {
+		return nil
+	}
 	h.killed.Store(true)
-	return h.machine.Kill()
+	return h.currentMachine().Kill()
 }
 
 // killedResult is the result of a task whose VM the driver killed, as for a process killed
@@ -364,6 +403,9 @@ func (h *taskHandle) waitDone(d time.Duration) bool {
 func (h *taskHandle) signal(ctx context.Context, sig syscall.Signal) error {
 	if h.mode != modeCommand {
 		return fmt.Errorf("signals reach only command-mode tasks; vm %s boots an image", h.spec.Name)
+	}
+	if h.isWaiting() {
+		return errWaitingOnDisk
 	}
 	g := h.currentGuest()
 	if g == nil {

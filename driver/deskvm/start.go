@@ -27,6 +27,8 @@ const commandAppend = "console=ttyS0 panic=-1 quiet deskvm.mode=command"
 
 // StartTask boots the task's VM. In command mode it returns once the guest command runs, so
 // a command that cannot start, or a guest that cannot boot, fails the start with the cause.
+// A task with a checkpoint resumes from it; while the owner is active (and yield is on) it
+// starts waiting on disk instead, with no VM, and resumes once the owner has left.
 func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
 	if _, ok := d.tasks.Get(cfg.ID); ok {
 		return nil, nil, fmt.Errorf("task %s is already started", cfg.ID)
@@ -78,12 +80,15 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 
 	var m Machine
 	resumed := ""
-	if dir := latestCheckpoint(cfg); dir != "" {
+	if dir := d.trustedCheckpoint(cfg); dir != "" {
+		if yielding && d.ownerActive() {
+			// Restored now, the VM would hold the guest's memory on the owner's desktop,
+			// paused, until the owner left: it waits on disk instead.
+			return d.startWaiting(cfg, mode, spec, tc.Preemption, guestSpec(cfg, &tc, spec, detach), dir)
+		}
 		m, err = d.hv.Restore(ctx, spec, dir)
 		if err != nil {
-			failed := filepath.Join(filepath.Dir(dir), "failed-"+filepath.Base(dir))
-			_ = os.Rename(dir, failed)
-			d.emit(cfg, "checkpoint could not be resumed, starting afresh: "+err.Error(), nil)
+			d.checkpointFailed(cfg, dir, err)
 			m = nil
 		} else {
 			resumed = dir
@@ -109,15 +114,10 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	case resumed != "":
 		// The run loop connects to the guest agent once the VM runs: a paused guest cannot
 		// answer.
-		if yielding && d.ownerActive() {
-			start.Layer = yield.LayerPause
-			d.emit(cfg, "restored from checkpoint, paused while the owner is active", map[string]string{"checkpoint": filepath.Base(resumed)})
-		} else {
-			if err := m.Resume(ctx); err != nil {
-				return fail(err)
-			}
-			d.emit(cfg, "resumed from checkpoint", map[string]string{"checkpoint": filepath.Base(resumed)})
+		if err := m.Resume(ctx); err != nil {
+			return fail(err)
 		}
+		d.emit(cfg, "resumed from checkpoint", map[string]string{"checkpoint": filepath.Base(resumed)})
 		keep := ""
 		if mode == modeImage {
 			keep = resumed // the restored VM runs its disk from there

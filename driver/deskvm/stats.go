@@ -39,7 +39,11 @@ func hostCompute() cpustats.Compute {
 // usage measures the VM's QEMU process: its CPU (all vCPUs and QEMU's own threads) and its
 // resident memory (guest RAM the guest has touched, plus QEMU).
 func (h *taskHandle) usage() (*cstructs.TaskResourceUsage, error) {
-	p, err := process.NewProcess(int32(h.machine.PID()))
+	m := h.currentMachine()
+	if m == nil {
+		return waitingUsage(), nil
+	}
+	p, err := process.NewProcess(int32(m.PID()))
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: %w", h.spec.Name, err)
 	}
@@ -107,4 +111,19 @@ func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Dur
 		}
 	}()
 	return ch, nil
+}
+
+// waitingUsage is the usage of a task waiting on disk: no VM, so no CPU and no memory.
+func waitingUsage() *cstructs.TaskResourceUsage {
+	return &cstructs.TaskResourceUsage{
+		ResourceUsage: &cstructs.ResourceUsage{
+			CpuStats: &cstructs.CpuStats{
+				Measured: []string{"Percent", "User Mode", "System Mode", "Total Ticks"},
+			},
+			MemoryStats: &cstructs.MemoryStats{
+				Measured: []string{"RSS", "Usage"},
+			},
+		},
+		Timestamp: time.Now().UnixNano(),
+	}
 }

@@ -52,7 +52,8 @@ type yieldStatus struct {
 // exits or ctx ends. start is the layer the VM is in now; announce reports it as a task
 // event (StartTask reports a VM restored from a checkpoint itself).
 func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.Policy, hp *harvest.Forecast, start yield.VMInfo, announce bool) {
-	ctx, cancel := untilExit(ctx, h.machine)
+	m := h.currentMachine()
+	ctx, cancel := untilExit(ctx, m)
 	defer cancel()
 	if h.mode == modeImage && start.Layer == yield.LayerIdleClass && time.Since(h.startedAt) < imageBootSettle {
 		select {
@@ -61,14 +62,14 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 		case <-time.After(imageBootSettle - time.Since(h.startedAt)):
 		}
 	}
-	if err := h.machine.SetIdle(true); err != nil {
+	if err := m.SetIdle(true); err != nil {
 		h.events("cannot lower the vm's CPU priority; it competes with the owner at normal priority: "+err.Error(), nil)
 	}
 	if start.MemoryMiB > 0 && start.BalloonMiB == 0 {
 		// A VM restored from a checkpoint keeps the balloon it was saved with: carry on
 		// from there, or the guest never gets that memory back.
 		opCtx, opCancel := context.WithTimeout(ctx, yieldOpTimeout)
-		if b, _, err := h.machine.Memory(opCtx); err == nil && b > 0 && b < start.MemoryMiB {
+		if b, _, err := m.Memory(opCtx); err == nil && b > 0 && b < start.MemoryMiB {
 			start.BalloonMiB = b
 		}
 		opCancel()
@@ -107,7 +108,7 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 				h.events(event, nil)
 			}
 			if drain != "" && p.Preemption == yield.ModeCheckpoint {
-				if err := h.checkpoint(ctx, "drained: "+drain); err != nil {
+				if err := h.checkpoint(ctx, m, "drained: "+drain); err != nil {
 					h.events("drain failed, the vm carries on: "+err.Error(), nil)
 					continue
 				}
@@ -118,7 +119,7 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 				continue
 			}
 			opCtx, opCancel := context.WithTimeout(ctx, yieldOpTimeout)
-			b, used, err := h.machine.Memory(opCtx)
+			b, used, err := m.Memory(opCtx)
 			opCancel()
 			if err == nil {
 				guest = yield.Guest{BalloonMiB: b, UsedMiB: used}
@@ -129,7 +130,7 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 				h.setOwner(dec.Owner.State)
 				continue
 			}
-			if h.apply(ctx, dec, &paused) {
+			if h.apply(ctx, m, dec, &paused) {
 				return
 			}
 		}
@@ -138,14 +139,16 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 
 // apply brings the VM to dec and reports it as a task event; it returns true once the VM
 // has ended for good (checkpointed or stopped to restart).
-func (h *taskHandle) apply(ctx context.Context, dec yield.Decision, paused *bool) (ended bool) {
+func (h *taskHandle) apply(ctx context.Context, m Machine, dec yield.Decision, paused *bool) (ended bool) {
 	prev := h.yieldState()
 	opCtx, cancel := context.WithTimeout(ctx, yieldOpTimeout)
 	defer cancel()
 	var errs []error
 	switch dec.Layer {
 	case yield.LayerCheckpoint:
-		if err := h.checkpoint(ctx, dec.Reason); err != nil {
+		if err := h.checkpoint(ctx, m, dec.Reason); errors.Is(err, errVMEnded) {
+			return true
+		} else if err != nil {
 			h.events("checkpoint failed, the vm stays paused: "+err.Error(), nil)
 			h.setYield(dec)
 			return false
@@ -154,11 +157,11 @@ func (h *taskHandle) apply(ctx context.Context, dec yield.Decision, paused *bool
 	case yield.LayerRestart:
 		h.preempt(&drivers.ExitResult{ExitCode: exitPreempted, Err: fmt.Errorf("the owner needs the desktop; the task restarts from the beginning (%s)", dec.Reason)})
 		h.events(dec.Reason, nil)
-		_ = h.machine.Kill()
+		_ = m.Kill()
 		return true
 	case yield.LayerPause:
 		if !*paused {
-			if err := h.machine.Pause(opCtx); err != nil {
+			if err := m.Pause(opCtx); err != nil {
 				errs = append(errs, err)
 			} else {
 				*paused = true
@@ -166,7 +169,7 @@ func (h *taskHandle) apply(ctx context.Context, dec yield.Decision, paused *bool
 		}
 	default:
 		if *paused {
-			if err := h.machine.Resume(opCtx); err != nil {
+			if err := m.Resume(opCtx); err != nil {
 				errs = append(errs, err)
 			} else {
 				*paused = false
@@ -174,12 +177,12 @@ func (h *taskHandle) apply(ctx context.Context, dec yield.Decision, paused *bool
 		}
 	}
 	if dec.CPUCapPercent != prev.CPUCapPercent {
-		if err := h.machine.SetCPUCap(dec.CPUCapPercent); err != nil {
+		if err := m.SetCPUCap(dec.CPUCapPercent); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	if dec.BalloonMiB > 0 && dec.BalloonMiB != prev.BalloonMiB {
-		if err := h.machine.SetBalloon(opCtx, dec.BalloonMiB); err != nil {
+		if err := m.SetBalloon(opCtx, dec.BalloonMiB); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -194,20 +197,42 @@ func (h *taskHandle) apply(ctx context.Context, dec yield.Decision, paused *bool
 
 // checkpoint saves the VM into a new directory under the task's checkpoint root and ends the
 // task so that Nomad starts it again, which resumes it from there.
-func (h *taskHandle) checkpoint(ctx context.Context, reason string) error {
+func (h *taskHandle) checkpoint(ctx context.Context, m Machine, reason string) error {
+	h.checkpointMu.Lock()
+	defer h.checkpointMu.Unlock()
+	select {
+	case <-m.Done():
+		return errVMEnded // checkpointed by the other caller, or gone
+	default:
+	}
 	dir := filepath.Join(checkpointBase(h.taskConfig), checkpointPrefix+time.Now().UTC().Format("20060102T150405.000000000"))
 	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+		return err
+	}
+	// Key and identity first: a checkpoint that cannot be signed would never be resumed.
+	key, err := h.ckey.get()
+	if err != nil {
+		return err
+	}
+	id, err := taskIdentity(h.taskConfig)
+	if err != nil {
 		return err
 	}
 	// The result is set before QEMU exits, so the run loop reports it rather than a crash.
 	h.preempt(&drivers.ExitResult{ExitCode: exitPreempted, Err: fmt.Errorf("checkpointed to resume later (%s)", reason)})
 	ctx, cancel := context.WithTimeout(ctx, checkpointTimeout)
 	defer cancel()
-	cp, err := h.machine.Checkpoint(ctx, dir)
+	cp, err := m.Checkpoint(ctx, dir)
 	if err != nil {
 		h.preempt(nil)
 		_ = os.RemoveAll(dir)
 		return err
+	}
+	if err := signCheckpoint(dir, key, id); err != nil {
+		// QEMU has exited: the work since the task's start is lost, and the task says so.
+		h.preempt(&drivers.ExitResult{ExitCode: exitPreempted, Err: fmt.Errorf("checkpointed but %w; the task starts afresh", err)})
+		h.events("checkpoint saved but not signed, so it will not be resumed: "+err.Error(), nil)
+		return nil
 	}
 	h.events(fmt.Sprintf("checkpointed %d MiB in %.1f s", (cp.StateBytes+cp.DiskBytes)>>20, cp.Paused.Seconds()),
 		map[string]string{"checkpoint": filepath.Base(dir)})
@@ -242,6 +267,14 @@ func latestCheckpoint(cfg *drivers.TaskConfig) string {
 		_ = os.RemoveAll(dir)
 	}
 	return ""
+}
+
+// checkpointFailed sets aside a checkpoint that could not be restored, as failed-…, so that
+// it is never tried again but its contents are not lost, and reports it: the task starts
+// afresh.
+func (d *Driver) checkpointFailed(cfg *drivers.TaskConfig, dir string, err error) {
+	_ = os.Rename(dir, filepath.Join(filepath.Dir(dir), "failed-"+filepath.Base(dir)))
+	d.emit(cfg, "checkpoint could not be resumed, starting afresh: "+err.Error(), map[string]string{"checkpoint": filepath.Base(dir)})
 }
 
 // removeCheckpoints removes the task's checkpoints except keep (the one an image-mode VM

@@ -67,6 +67,7 @@ owner {
   forecast_state = ""
 }`, preemption, pipe))
 	c.StateDir = shortTempDir(t)
+	c.CheckpointKeyFile = testKeyFile
 	c.BootTimeout = "90s"
 	return c
 }
@@ -210,6 +211,14 @@ func TestDriver_YieldRecover(t *testing.T) {
 	h2, d2 := newHarness(t, b, hv, cfg2)
 	events := collectEvents(t, d2)
 	must.NoError(t, h2.RecoverTask(handle))
+	// The recovered task knows its own task config, which its checkpoints are signed for.
+	rh, ok := d2.tasks.Get(handle.Config.ID)
+	must.True(t, ok)
+	want, err := taskIdentity(task)
+	must.NoError(t, err)
+	got, err := taskIdentity(rh.taskConfig)
+	must.NoError(t, err, must.Sprint("the recovered task's config must carry its driver config"))
+	must.Eq(t, want, got)
 	st, err := h2.InspectTask(handle.Config.ID)
 	must.NoError(t, err)
 	waitFor(t, 10*time.Second, "the recovered layer", func() bool {

@@ -2,7 +2,10 @@ package deskvm_test
 
 import (
 	"context"
+	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,12 +27,22 @@ import (
 // desk-a's over HTTP (ephemeral_disk { sticky = true, migrate = true }). deskvm on desk-b
 // resumes the VM from the checkpoint, and the job's output across both nodes is that of an
 // undisturbed run.
+//
+// Then desk-a's owner leaves, and the work is moved off desk-b as the autoscaler moves it off
+// a desktop ahead of its owner: desk-b is marked ineligible and the allocation stopped
+// (`nomad alloc stop`, which has Nomad place a replacement; Nomad 1.11's node drain stops a
+// batch job's allocations without one). deskvm checkpoints the task on its way out (its
+// preemption is "checkpoint"), and the replacement on desk-a resumes from that checkpoint
+// and completes. Output across the three allocations is again that of an undisturbed run.
 func TestYieldResumeElsewhere(t *testing.T) {
 	agent(t) // skips where the machine cannot run e2e
 	agentMu.Lock()
 	t.Cleanup(agentMu.Unlock)
-	a, ownerA := startYieldNode(t, "desk-a", yieldPolicy, "[]", nil)
-	b, _ := startYieldNode(t, "desk-b", yieldPolicy, "[]", []string{a.Options().RPCAddress()})
+	// The cluster's checkpoint key: every node has the same, or none could resume another's
+	// checkpoints.
+	key := filepath.Join(t.TempDir(), "checkpoint.key")
+	a, ownerA := startYieldNode(t, "desk-a", yieldPolicy, "[]", nil, key)
+	b, _ := startYieldNode(t, "desk-b", yieldPolicy, "[]", []string{a.Options().RPCAddress()}, key)
 	nodeA, err := a.NodeID()
 	must.NoError(t, err)
 	nodeB, err := b.NodeID()
@@ -39,7 +52,7 @@ func TestYieldResumeElsewhere(t *testing.T) {
 	// owner load on the CPU the VM runs at full speed, so the job has more steps than the
 	// one-node test's.
 	setEligible(t, a, nodeB, false)
-	const steps = 2 * yieldSteps
+	const steps = 3 * yieldSteps
 	job := runJob(t, a, "jobs/checkpoint.nomad.hcl", func(j *api.Job) {
 		j.TaskGroups[0].Tasks[0].Config["args"] = []string{strconv.Itoa(steps)}
 	})
@@ -54,10 +67,33 @@ func TestYieldResumeElsewhere(t *testing.T) {
 	first = waitEvent(t, a, first.ID, "paused", time.Minute)
 	first = waitEvent(t, a, first.ID, "checkpointed", 2*time.Minute)
 
-	second := waitSecondAlloc(t, a, *job.ID, first.ID, 5*time.Minute)
+	second := waitReplacement(t, a, *job.ID, first.ID, "running", 5*time.Minute, cluster.Running("count"))
 	must.Eq(t, nodeB, second.NodeID, must.Sprint("the task must resume on desk-b"))
-	assertResumed(t, a, first, second, steps)
-	t.Logf("checkpointed on %s (%s), resumed on %s (%s)", first.NodeName, first.NodeID[:8], second.NodeName, second.NodeID[:8])
+	second = waitEvent(t, a, second.ID, "resumed from checkpoint", time.Minute)
+	before := len(stepLines(logsOf(t, a, first)))
+	waitLogs(t, a, second, "step "+strconv.Itoa(before+5)+" ", 2*time.Minute)
+
+	// desk-a's owner leaves and desk-a takes work again; the work moves off desk-b.
+	ownerA.setPresent(false)
+	setEligible(t, a, nodeA, true)
+	setEligible(t, a, nodeB, false)
+	_, err = a.Client.Allocations().Stop(second, nil)
+	must.NoError(t, err)
+	third := waitReplacement(t, a, *job.ID, second.ID, "ended", 5*time.Minute, cluster.Terminal)
+	must.Eq(t, nodeA, third.NodeID, must.Sprint("the drained task must resume on desk-a"))
+	second, _, err = a.Client.Allocations().Info(second.ID, nil)
+	must.NoError(t, err)
+	assertChain(t, a, []*api.Allocation{first, second, third}, steps)
+	must.True(t, slices.ContainsFunc(cluster.Events(second, "count"), func(e string) bool { return strings.Contains(e, "stopped by Nomad") }),
+		must.Sprintf("the stop must checkpoint the task; events: %q", cluster.Events(second, "count")))
+	t.Logf("checkpointed on %s, resumed on %s, checkpointed there when stopped, resumed on %s", first.NodeName, second.NodeName, third.NodeName)
+}
+
+func logsOf(t *testing.T, a *cluster.Agent, alloc *api.Allocation) string {
+	t.Helper()
+	out, err := a.Logs(alloc, "count", "stdout")
+	must.NoError(t, err)
+	return out
 }
 
 // setEligible marks a node eligible or ineligible for new allocations, as the autoscaler

@@ -61,15 +61,16 @@ func startYieldAgent(t *testing.T, name, policy string) (*cluster.Agent, *inputT
 	agent(t) // skips where the machine cannot run e2e
 	agentMu.Lock()
 	t.Cleanup(agentMu.Unlock)
-	return startYieldNode(t, name, policy, `["proc"]`, nil)
+	return startYieldNode(t, name, policy, `["proc"]`, nil, "")
 }
 
 // startYieldNode starts a Nomad agent named deskcloud-e2e-name whose deskvm plugin yields
 // under policy, senses the owner live from sources (an HCL list) and replays their input
 // from a pipe that the returned trace writes. With servers it is a client only that joins
-// them, with a cgroup parent of its own: a second desktop on this machine. Its cleanup
-// stops the jobs still on the node, waits for their VMs to end, then stops the agent.
-func startYieldNode(t *testing.T, name, policy, sources string, servers []string) (*cluster.Agent, *inputTrace) {
+// them, with a cgroup parent of its own: a second desktop on this machine. Its checkpoints
+// are signed with the key in keyFile, by default one of the agent's own. Its cleanup stops
+// the jobs still on the node, waits for their VMs to end, then stops the agent.
+func startYieldNode(t *testing.T, name, policy, sources string, servers []string, keyFile string) (*cluster.Agent, *inputTrace) {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "deskcloud-e2e-"+name+"-")
 	must.NoError(t, err)
@@ -77,9 +78,13 @@ func startYieldNode(t *testing.T, name, policy, sources string, servers []string
 	must.NoError(t, err)
 	pipe := filepath.Join(dir, "owner-input.fifo")
 	must.NoError(t, syscall.Mkfifo(pipe, 0o600))
+	if keyFile == "" {
+		keyFile = filepath.Join(dir, "checkpoint.key")
+	}
 	o := cluster.Options{
 		Name: "deskcloud-e2e-" + name, Dir: dir, StateDir: state, StopWithParent: true, Servers: servers,
-		DeskvmConfig: policy + "\n" + fmt.Sprintf(yieldOwnerConfig, sources, pipe, filepath.Join(dir, "forecast.model")),
+		DeskvmConfig: fmt.Sprintf("    checkpoint_key_file = %q\n", keyFile) + policy + "\n" +
+			fmt.Sprintf(yieldOwnerConfig, sources, pipe, filepath.Join(dir, "forecast.model")),
 	}
 	if servers != nil {
 		o.CgroupParent = "nomad-e2e-" + name
@@ -299,32 +304,48 @@ func TestYieldCheckpointResume(t *testing.T) {
 // and the result file. It logs both allocations' events.
 func assertResumed(t *testing.T, a *cluster.Agent, first, second *api.Allocation, steps int) {
 	t.Helper()
-	events := cluster.Events(second, "count")
-	must.True(t, slices.ContainsFunc(events, func(e string) bool { return strings.Contains(e, "from checkpoint") }),
-		must.Sprintf("the new allocation must resume from the checkpoint; events: %q", events))
-	must.Eq(t, api.AllocClientStatusComplete, second.ClientStatus, must.Sprintf("events: %q", events))
+	assertChain(t, a, []*api.Allocation{first, second}, steps)
+}
 
-	out1, err := a.Logs(first, "count", "stdout")
-	must.NoError(t, err)
-	out2, err := a.Logs(second, "count", "stdout")
-	must.NoError(t, err)
+// assertChain checks a chain of allocations of the count job, each replacing the one before
+// after a checkpoint: every one after the first resumed from a checkpoint, the last
+// completed, each did some of the work, and their output together is byte-identical to an
+// undisturbed run of steps steps, as is the result file. It logs every allocation's events.
+func assertChain(t *testing.T, a *cluster.Agent, allocs []*api.Allocation, steps int) {
+	t.Helper()
+	last := allocs[len(allocs)-1]
+	for i, al := range allocs[1:] {
+		events := cluster.Events(al, "count")
+		must.True(t, slices.ContainsFunc(events, func(e string) bool { return strings.Contains(e, "from checkpoint") }),
+			must.Sprintf("allocation %d must resume from the checkpoint; events: %q", i+2, events))
+	}
+	must.Eq(t, api.AllocClientStatusComplete, last.ClientStatus, must.Sprintf("events: %q", cluster.Events(last, "count")))
+
+	var all string
+	done := 0
+	for i, al := range allocs {
+		out, err := a.Logs(al, "count", "stdout")
+		must.NoError(t, err)
+		all += out
+		n := len(stepLines(out))
+		if i < len(allocs)-1 {
+			must.Positive(t, n, must.Sprintf("allocation %d did some work before its checkpoint", i+1))
+			t.Logf("allocation %d (%s) checkpointed after step %d of %d; the next went on from step %d", i+1, al.NodeName, done+n, steps, done+n+1)
+		}
+		done += n
+	}
 	want, result := chain(steps)
-	got := stepLines(out1 + out2)
-	must.Eq(t, want, got, must.Sprint("the steps across both allocations must be those of an undisturbed run"))
-	before := len(stepLines(out1))
-	must.Positive(t, before, must.Sprint("the first allocation did some work before the checkpoint"))
-	t.Logf("checkpointed after step %d of %d; the resumed VM went on from step %d (0 steps redone)", before, steps, before+1)
-	r, err := a.Client.AllocFS().Cat(second, "alloc/data/result", nil)
+	must.Eq(t, want, stepLines(all), must.Sprint("the steps across the allocations must be those of an undisturbed run (0 steps redone)"))
+	r, err := a.Client.AllocFS().Cat(last, "alloc/data/result", nil)
 	must.NoError(t, err)
 	b, err := io.ReadAll(r)
 	r.Close()
 	must.NoError(t, err)
 	must.Eq(t, result+"\n", string(b), must.Sprint("the result file must equal an undisturbed run's"))
-	for _, e := range cluster.Events(first, "count") {
-		t.Logf("first allocation: %s", e)
-	}
-	for _, e := range events {
-		t.Logf("second allocation: %s", e)
+	for i, al := range allocs {
+		for _, e := range cluster.Events(al, "count") {
+			t.Logf("allocation %d: %s", i+1, e)
+		}
 	}
 }
 
@@ -382,6 +403,12 @@ func waitEvent(t *testing.T, a *cluster.Agent, allocID, sub string, timeout time
 // waitSecondAlloc waits for the job's allocation that replaced prev to end.
 func waitSecondAlloc(t *testing.T, a *cluster.Agent, jobID, prev string, timeout time.Duration) *api.Allocation {
 	t.Helper()
+	return waitReplacement(t, a, jobID, prev, "ended", timeout, cluster.Terminal)
+}
+
+// waitReplacement waits for the job's allocation that replaced prev to satisfy cond.
+func waitReplacement(t *testing.T, a *cluster.Agent, jobID, prev, what string, timeout time.Duration, cond func(*api.Allocation) bool) *api.Allocation {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
 		stubs, _, err := a.Client.Jobs().Allocations(jobID, true, nil)
@@ -391,13 +418,13 @@ func waitSecondAlloc(t *testing.T, a *cluster.Agent, jobID, prev string, timeout
 					continue
 				}
 				alloc, _, err := a.Client.Allocations().Info(s.ID, nil)
-				if err == nil && alloc.PreviousAllocation == prev && cluster.Terminal(alloc) {
+				if err == nil && alloc.PreviousAllocation == prev && cond(alloc) {
 					return alloc
 				}
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no allocation replacing %s ended within %s", prev, timeout)
+			t.Fatalf("no allocation replacing %s %s within %s", prev, what, timeout)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
