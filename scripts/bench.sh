@@ -10,7 +10,7 @@ echo "==> machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048
 echo "==> cold start: deskvm vs Nomad's qemu driver vs bare QEMU"
 go run ./scripts/coldstart -runs "${BENCH_RUNS:-5}"
 
-echo "==> yield layers on a real VM: owner slowdown, CPU cap and balloon reaction, harvest, checkpoint"
+echo "==> yield layers on a real VM: owner slowdown, CPU cap and balloon reaction, free page reporting, harvest, checkpoint"
 go test -run '^$' -bench . -benchtime 1x -timeout 20m ./driver/vm/
 
 echo "==> owner sensing, yield decisions and forecasts (Go benchmarks)"
