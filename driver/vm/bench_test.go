@@ -246,7 +246,8 @@ func benchCapReaction(b *testing.B, ctx context.Context, m *Machine, cgroups []s
 // the code the driver runs: the proc owner source (the VM excluded, the driver's default
 // cpu_interval), the Decider with the default policy, and SetCPUCap. The VM runs as deskvm
 // runs it (idle class, cgroup cpu.idle) and the owner is one busy process, half of this
-// 2-core host: the load whose band is a 25 % cap (the first sample already caps at 50 %).
+// 2-core host: the load whose band is a 25 % cap (a first sample that holds only part of the
+// owner's work may cap at 50 % before it).
 func benchCapOnset(b *testing.B, ctx context.Context, m *Machine, cgroups []string) {
 	vcpus := runtime.NumCPU()
 	must.NoError(b, resetPolicy(m, cgroups))
@@ -262,22 +263,24 @@ func benchCapOnset(b *testing.B, ctx context.Context, m *Machine, cgroups []stri
 	}
 	root := owner.RootCgroup("/sys/fs/cgroup")
 	ticks := func(interval, window time.Duration) onsetSensing {
-		return onsetSensing{fmt.Sprintf("/proc ticks, every %s, cap_window %s", interval, window), interval, window,
+		return onsetSensing{fmt.Sprintf("proc-ticks-%s", interval), fmt.Sprintf("/proc ticks, every %s, cap_window %s", interval, window), interval, window,
 			func(p *owner.ProcSource) { p.Exclude([]int{m.PID()}, nil) }, ""}
 	}
 	variants := []onsetSensing{ticks(50*time.Millisecond, 100*time.Millisecond), ticks(25*time.Millisecond, 50*time.Millisecond)}
 	if acct != "" && root != "" {
-		variants = append(variants, onsetSensing{"cgroup ns (the driver's), every 25ms, cap_window 50ms", 25 * time.Millisecond, 50 * time.Millisecond,
+		variants = append(variants, onsetSensing{"cgroup-ns", "cgroup ns (the driver's), every 25ms, cap_window 50ms", 25 * time.Millisecond, 50 * time.Millisecond,
 			func(p *owner.ProcSource) { p.Exclude(nil, []string{acct}) }, root})
 	}
+	// One sub-benchmark per variant, so that on a shared host one can be run alone
+	// (-bench 'BenchmarkYieldCPU/cap-onset/cgroup-ns') in a quiet minute.
 	for _, v := range variants {
-		onsetTrials(b, ctx, m, cgroups, v)
+		b.Run(v.key, func(b *testing.B) { onsetTrials(b, ctx, m, cgroups, v) })
 	}
 }
 
 // onsetSensing is how the owner's CPU is sensed in one cap-onset run.
 type onsetSensing struct {
-	name             string
+	key, name        string
 	interval, window time.Duration
 	exclude          func(*owner.ProcSource)
 	totalCgroup      string

@@ -47,10 +47,12 @@ type Policy struct {
 	// CPUCapSteps (cpu_cap_step blocks) are the cap's bands, in rising load and falling
 	// percent. Below the first band the VM is uncapped.
 	CPUCapSteps []CapStep
-	// CapWindow (cap_window) is the time constant of the owner load the cap follows: short,
-	// so that the cap takes hold within a sampling interval or two of the owner starting
-	// work, while a single tick of a background process moves it too little to cap. The
-	// owner's state follows the slower load_window.
+	// CapWindow (cap_window) is the time constant of the owner load that decides whether to
+	// cap: short, so that the cap takes hold within a sampling interval or two of the owner
+	// starting work, while a single tick of a background process moves it too little to cap.
+	// Once that load is past the first band, the cap goes down to the band of the higher of
+	// it and the latest sample, and goes up only when both allow. The owner's state follows
+	// the slower load_window.
 	CapWindow time.Duration
 	// CapRecoverAfter (cap_recover_after) is how long the owner load must allow a higher cap
 	// before the cap goes up one step.

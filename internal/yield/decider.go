@@ -142,7 +142,8 @@ type Decider struct {
 	now        time.Time
 	phase      phase
 	capPercent int
-	capLoad    owner.Average // the owner load the cap follows, over CapWindow
+	capLoad    owner.Average // the owner load over CapWindow: whether the owner is at work
+	capSample  float64       // the latest CPU sample: how hard, once they are
 	balloon    int
 
 	activeFrom  time.Time // since when the owner has been active; zero if not active
@@ -241,10 +242,11 @@ func (d *Decider) Observe(s owner.Sample, g Guest) Decision {
 
 	if s.Has&owner.HasCPU != 0 {
 		d.capLoad.Observe(t, s.CPU)
+		d.capSample = s.CPU
 	}
 	d.why = whyNone
 	if d.phase == running {
-		d.stepCap(t, d.capLoad.Value)
+		d.stepCap(t, d.capLoad.Value, d.capSample)
 	}
 	resumeShort := d.stepMemory(t, s, g)
 	d.stepPhase(t, active, resumeShort, s)
@@ -265,9 +267,20 @@ func (d *Decider) Observe(s owner.Sample, g Guest) Decision {
 	return dec
 }
 
-// stepCap moves the CPU cap: down at once to the band of the current load (over CapWindow),
-// up one step at a time once the load has allowed more for CapRecoverAfter.
-func (d *Decider) stepCap(t time.Time, load float64) {
+// stepCap moves the CPU cap, owner first: tighten on fast evidence, relax slowly. avg, the
+// load over CapWindow, says whether the owner is at work: a tick of a background process
+// moves it too little to pass the first band. Once it has, the load is the higher of avg and
+// latest, the last CPU sample, because avg lags an owner who has just started by a few
+// samples while latest already shows their whole load. The cap goes down at once to that
+// load's band, and up one step at a time once that load has allowed more for
+// CapRecoverAfter: while the owner is at work the average and the latest sample must both
+// allow it, so samples that straddle a band's edge hold the cap rather than flap it. A
+// sample without CPU figures leaves avg and latest as they were.
+func (d *Decider) stepCap(t time.Time, avg, latest float64) {
+	load := avg
+	if len(d.p.CPUCapSteps) > 0 && avg > d.p.CPUCapSteps[0].LoadAbove {
+		load = max(avg, latest)
+	}
 	band := 100
 	for _, s := range d.p.CPUCapSteps {
 		if load > s.LoadAbove {

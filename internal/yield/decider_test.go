@@ -36,16 +36,14 @@ func TestDeciderTransitions(t *testing.T) {
 			final: LayerCPUCap,
 		},
 		{
-			name: "a long cap_window: the cap steps down as the load climbs",
+			name: "a long cap_window holds the cap off until its load passes the first band; the latest sample sets how far",
 			edit: func(p *Policy) { p.CapWindow = 5 * time.Second },
-			play: func(w *world) { w.live(10*time.Minute, away).live(10*time.Second, busy) },
-			want: []change{
-				// With samples a second apart and a 5 s cap window, the load passes 0.1
-				// on the first busy sample, 0.3 on the third and 0.5 on the fifth.
-				{10 * time.Minute, LayerCPUCap, "owner active: CPU capped at 50%"},
-				{10*time.Minute + 2*time.Second, LayerCPUCap, "owner active: CPU capped at 25%"},
-				{10*time.Minute + 4*time.Second, LayerCPUCap, "owner active: CPU capped at 10%"},
+			play: func(w *world) {
+				w.live(10*time.Minute, away).live(20*time.Second, busy.with(func(b *behaviour) { b.cpu = 0.35 }))
 			},
+			// With samples a second apart and a 5 s cap window, the load passes 0.1 on the
+			// second sample of 0.35 (and would pass 0.3 only on the tenth).
+			want:  []change{{10*time.Minute + time.Second, LayerCPUCap, "owner active: CPU capped at 25%"}},
 			final: LayerCPUCap,
 		},
 		{
@@ -53,9 +51,9 @@ func TestDeciderTransitions(t *testing.T) {
 			edit: func(p *Policy) { p.CapWindow = 5 * time.Second },
 			play: func(w *world) { w.live(time.Minute, away).live(20*time.Second, busy).live(5*time.Minute, reading) },
 			want: []change{
-				{time.Minute, LayerCPUCap, "owner active: CPU capped at 50%"},
-				{time.Minute + 2*time.Second, LayerCPUCap, "owner active: CPU capped at 25%"},
-				{time.Minute + 4*time.Second, LayerCPUCap, "owner active: CPU capped at 10%"},
+				// The 5 s window's load passes 0.1 on the first busy sample, which is
+				// in the 10% band.
+				{time.Minute, LayerCPUCap, "owner active: CPU capped at 10%"},
 				// The owner stops at 1m20s; by 1m22s the load allows more than 10%, and
 				// from then the cap rises a step per 30 s. Input is recent until 2m19s and
 				// the state settles to idle 30 s later.
@@ -324,6 +322,81 @@ func TestDeciderNoFlapping(t *testing.T) {
 		must.LessEq(t, 1, pauses, must.Sprintf("changes: %v", w.changes))
 	})
 }
+
+// TestDeciderCapOnset plays the owner's CPU a sample every 25 ms (the driver's cpu_interval)
+// under the default policy (cap_window 50 ms) and checks every change of cap. The owner of
+// the first cases is one busy process on a 2-core desktop, a load of 0.5: the 25% band.
+func TestDeciderCapOnset(t *testing.T) {
+	const tick = 25 * time.Millisecond
+	const noCPU = -1 // a sample without CPU figures
+	rep := func(v float64, n int) []float64 { return slices.Repeat([]float64{v}, n) }
+	quiet := rep(0.01, 40) // a second of a quiet host
+	cases := []struct {
+		name string
+		cpu  []float64 // one sample per tick from t0
+		want []capChange
+	}{
+		{
+			name: "an owner starting mid-sample: the first full sample sets their band",
+			// 0.15: the process ran for the last 7.5 ms of the tick. The load over
+			// cap_window is 0.24 after the first full sample, 0.34 a tick later.
+			cpu:  slices.Concat(quiet, []float64{0.15}, rep(0.5, 40)),
+			want: []capChange{{41, 25}},
+		},
+		{
+			name: "a full load from the owner's first sample: their band at once",
+			cpu:  slices.Concat(quiet, rep(0.8, 40)),
+			want: []capChange{{40, 10}},
+		},
+		{
+			name: "a tick of a background process caps nothing",
+			// One 10 ms /proc tick on 2 cores in 25 ms reads 0.2.
+			cpu:  slices.Concat(quiet, []float64{0.2}, quiet, []float64{0.2}, quiet),
+			want: nil,
+		},
+		{
+			name: "samples without CPU figures leave the cap where the last CPU sample put it",
+			// The load over cap_window is in the 50% band when the cap goes to 25%; more
+			// than cap_recover_after of samples without CPU figures must not raise it, nor
+			// count their CPU field.
+			cpu:  slices.Concat(rep(noCPU, 3), quiet, []float64{0.15, noCPU, 0.5}, rep(noCPU, 1300)),
+			want: []capChange{{45, 25}},
+		},
+		{
+			name: "samples straddling a band's edge hold the cap",
+			// The load over cap_window stays in the 50% band, every other sample in the
+			// 25% band: the cap goes to 25% and stays there.
+			cpu:  slices.Concat(quiet, slices.Repeat([]float64{0.15, 0.35}, 2400)),
+			want: []capChange{{41, 25}},
+		},
+		{
+			name: "once the owner stops, the cap rises a step per cap_recover_after",
+			// The load over cap_window falls under 0.3 on the second quiet sample (tick 82),
+			// and cap_recover_after runs from there.
+			cpu:  slices.Concat(quiet, rep(0.5, 41), rep(0.01, 2500)),
+			want: []capChange{{40, 25}, {82 + 1200, 50}, {82 + 2400, 100}},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			d := NewDecider(DefaultPolicy(), VMInfo{CPUCapPercent: 100})
+			var got []capChange
+			for i, cpu := range tc.cpu {
+				s := owner.Sample{Time: t0.Add(time.Duration(i) * tick), Has: owner.HasCPU | owner.HasMemory, CPU: cpu, MemAvailableMiB: 8000}
+				if cpu == noCPU {
+					s.Has, s.CPU = owner.HasMemory, 0.9
+				}
+				if dec := d.Observe(s, Guest{}); dec.Changed {
+					got = append(got, capChange{i, dec.CPUCapPercent})
+				}
+			}
+			must.Eq(t, tc.want, got, must.Sprintf("cap changes (tick, percent): want %v, got %v", tc.want, got))
+		})
+	}
+}
+
+// capChange is a change of CPU cap on the sample of index tick.
+type capChange struct{ tick, percent int }
 
 // TestBalloonNeverBelowFloor walks the owner's memory, the guest's needs and the owner's
 // presence at random for two simulated days and checks the decision for a running VM after
