@@ -44,7 +44,7 @@ func TestDriver_StopCheckpointsQEMU(t *testing.T) {
 	resumedLogs := taskLogs(t, &next, "resumed")
 	again, _, err := h.StartTask(&next)
 	must.NoError(t, err)
-	must.True(t, events.has("resumed from checkpoint"), must.Sprintf("events: %s", events))
+	waitFor(t, 5*time.Second, "the resumed event", func() bool { return events.has("resumed from checkpoint") })
 	th, ok := d.tasks.Get(again.Config.ID)
 	must.True(t, ok)
 	waitFor(t, 10*time.Second, "the yield loop to take the vm", layerIs(h, again.Config.ID, yield.LayerIdleClass, 100))

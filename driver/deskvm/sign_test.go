@@ -203,7 +203,9 @@ func TestDriver_RefusesUntrustedCheckpoint(t *testing.T) {
 			must.Eq(t, 1, launched, must.Sprint("the task starts afresh"))
 			res := waitExit(t, h, handle.Config.ID, 10*time.Second)
 			must.Eq(t, 9, res.ExitCode, must.Sprintf("the task's own command runs; got %+v", res))
-			must.True(t, events.has("checkpoint could not be resumed, starting afresh: "+tc.want), must.Sprintf("events: %s", events))
+			waitFor(t, 5*time.Second, "the refusal's event", func() bool {
+				return events.has("checkpoint could not be resumed, starting afresh: " + tc.want)
+			})
 			failed := filepath.Join(filepath.Dir(cp), "failed-"+filepath.Base(cp))
 			_, err = os.Stat(failed)
 			must.NoError(t, err, must.Sprint("the refused checkpoint is set aside, not deleted"))
