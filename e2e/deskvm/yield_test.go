@@ -322,9 +322,12 @@ func followChain(t *testing.T, a *cluster.Agent, jobID string, first *api.Alloca
 func assertChain(t *testing.T, a *cluster.Agent, allocs []*api.Allocation, steps int) {
 	t.Helper()
 	last := allocs[len(allocs)-1]
+	// Each later allocation resumed from its predecessor's checkpoint: its steps carry on
+	// from the last one before it (checked with the whole output below), and its task
+	// events say so, unless a busy life pushed that event out (Nomad keeps a task's last 10).
 	for i, al := range allocs[1:] {
 		events := cluster.Events(al, "count")
-		must.True(t, slices.ContainsFunc(events, func(e string) bool { return strings.Contains(e, "from checkpoint") }),
+		must.True(t, len(events) >= 10 || slices.ContainsFunc(events, func(e string) bool { return strings.Contains(e, "from checkpoint") }),
 			must.Sprintf("allocation %d must resume from the checkpoint; events: %q", i+2, events))
 	}
 	must.Eq(t, api.AllocClientStatusComplete, last.ClientStatus, must.Sprintf("events: %q", cluster.Events(last, "count")))
