@@ -82,11 +82,43 @@ const (
 	fGroupBucket = fGroup + 1
 	fNoContext   = fGroupBucket + numFleetBuckets
 	fSeason      = fNoContext + 1 // this desktop's seasonal log-odds of an arrival within the horizon
-	numFeatures  = fSeason + 1
+	// Time since the owner was last active, crossed with the hour of the day and whether
+	// it is a weekend: how soon a desktop is taken again after its owner left depends on
+	// the time of day, which the seasonal rate and the idle buckets, added on the log-odds
+	// scale, cannot say alone.
+	fIdleByHour = fSeason + 1
+	// Calendar features: the log of the fleet's arrival rate on this day of the year, and
+	// in this quarter of it, in the years the pool has seen, over its usual rate on that
+	// weekday (and quarter). They anticipate terms, breaks and closures.
+	fCalendarDay     = fIdleByHour + numDayTypes*hoursPerDay*numIdleBuckets
+	fCalendarQuarter = fCalendarDay + 1
+	numFeatures      = fCalendarQuarter + 1
 
 	// maxActive bounds the features set at once in one horizon's vector.
-	maxActive = 20
+	maxActive = 22
 )
+
+// Day types and hours of the fIdleByHour cross.
+const (
+	numDayTypes = 2 // weekday, weekend
+	hoursPerDay = 24
+)
+
+// idleByHour returns the index of the fIdleByHour feature for wall time t and idle bucket b.
+func idleByHour(t int64, b int) int {
+	dayType := 0
+	if wd := weekday(t); wd == 0 || wd == 6 {
+		dayType = 1
+	}
+	hour := int(floorMod(t, msDay) / msHour)
+	return fIdleByHour + (dayType*hoursPerDay+hour)*numIdleBuckets + b
+}
+
+// weekday returns the day of the week of a wall-clock time, 0 for Sunday.
+func weekday(ms int64) int {
+	// 1970-01-01 was a Thursday.
+	return int(floorMod(floorDiv(ms, msDay)+4, 7))
+}
 
 func bucket(v float64, edges []float64) int {
 	for i, e := range edges {
@@ -99,7 +131,7 @@ func bucket(v float64, edges []float64) int {
 
 // features is one feature vector per horizon.
 type features struct {
-	Idx [numHorizons][maxActive]uint8
+	Idx [numHorizons][maxActive]uint16
 	Val [numHorizons][maxActive]float32
 	N   [numHorizons]uint8
 	_   [3]byte
@@ -115,7 +147,7 @@ func (f *features) add(i int, v float64) {
 // addH sets feature i to v in horizon j's vector.
 func (f *features) addH(j, i int, v float64) {
 	n := f.N[j]
-	f.Idx[j][n] = uint8(i)
+	f.Idx[j][n] = uint16(i)
 	f.Val[j][n] = float32(v)
 	f.N[j] = n + 1
 }

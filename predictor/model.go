@@ -321,6 +321,7 @@ func (m *Model) account(t int64) {
 			}
 			if m.learn == LearnFleet {
 				m.pool.SeasonE[c] += mins
+				m.pool.addCalendar(a, 0, mins)
 			}
 			a = end
 		}
@@ -344,6 +345,7 @@ func (m *Model) arrive(t int64) {
 	}
 	if m.learn == LearnFleet {
 		m.pool.SeasonA[c]++
+		m.pool.addCalendar(t, 1, 0)
 	}
 	for k := range st.RecentA {
 		st.RecentA[k]++
@@ -464,6 +466,10 @@ func (m *Model) features(t int64, f *features) {
 		idleBucket = bucket(float64(t-st.LastActiveEnd)/float64(msMinute), idleEdges[:])
 	}
 	f.add(fIdle+idleBucket, 1)
+	f.add(idleByHour(t, idleBucket), 1)
+	calDay, calQuarter := m.pool.calendar(t)
+	f.add(fCalendarDay, calDay)
+	f.add(fCalendarQuarter, calQuarter)
 	switch st.State {
 	case Available:
 		f.add(fAvailable, 1)

@@ -212,3 +212,69 @@ func TestParseState(t *testing.T) {
 		})
 	}
 }
+
+func TestModelForeseesAClosureFromThePoolsCalendar(t *testing.T) {
+	// A lab that closes for the week of the 47th Sunday-started week of the year, two years
+	// running. In the third year, the pool's calendar should make the Monday of that week
+	// look quiet before anyone has failed to turn up, which the desktop's own history, an
+	// ordinary week so far, cannot say.
+	first := time.Date(2023, time.January, 2, 0, 0, 0, 0, time.UTC) // a Monday
+	closure := func(year int) time.Time {
+		d := time.Date(year, time.January, 1, 0, 0, 0, 0, time.UTC)
+		for d.Weekday() != time.Sunday {
+			d = d.AddDate(0, 0, 1)
+		}
+		return d.AddDate(0, 0, 7*46+1) // the Monday of the 47th week that starts on a Sunday
+	}
+	var evs []synth.Event
+	for _, e := range synth.Fleet(5, "lab", 3, first, 2*52+50) {
+		if c := closure(e.Time.Year()); e.Time.Year() < 2025 && !e.Time.Before(c) && e.Time.Before(c.AddDate(0, 0, 5)) && e.State == predictor.InUse {
+			continue
+		}
+		evs = append(evs, e)
+	}
+	pool := predictor.NewPool()
+	models := map[string]*predictor.Model{}
+	probeAt := closure(2025).Add(8*time.Hour + 45*time.Minute)
+	weekBefore := probeAt.AddDate(0, 0, -7)
+	var lab001 []synth.Event
+	for _, e := range evs {
+		if !e.Time.Before(weekBefore.AddDate(0, 0, -14)) {
+			if e.Node == "lab001" && e.Time.Before(probeAt) {
+				lab001 = append(lab001, e)
+			}
+			continue
+		}
+		m := models[e.Node]
+		if m == nil {
+			m = predictor.NewModel(pool, predictor.LearnFleet)
+			models[e.Node] = m
+		}
+		must.NoError(t, m.Observe(e.Time, e.State))
+	}
+
+	noCalendar := pool.Clone()
+	clear(noCalendar.CalendarA[:])
+	clear(noCalendar.CalendarE[:])
+	ratio := func(p *predictor.Pool) float64 {
+		t.Helper()
+		m := predictor.NewModel(p, predictor.LearnNone)
+		var before, at float64
+		for _, e := range lab001 {
+			if !e.Time.Before(weekBefore) && before == 0 {
+				f, err := m.Forecast(weekBefore)
+				must.NoError(t, err)
+				before = f.P[4]
+			}
+			must.NoError(t, m.Observe(e.Time, e.State))
+		}
+		f, err := m.Forecast(probeAt)
+		must.NoError(t, err)
+		at = f.P[4]
+		t.Logf("P(within 1h) on Monday 08:45, the week before %.3f, the closure week %.3f", before, at)
+		return at / before
+	}
+	with, without := ratio(pool), ratio(noCalendar)
+	must.Less(t, 0.7, with, must.Sprintf("the calendar should make the closure's Monday look quieter than the week before, got ratio %.2f", with))
+	must.Greater(t, 0.9, without, must.Sprintf("without the calendar the two Mondays should look alike, got ratio %.2f", without))
+}

@@ -21,8 +21,10 @@ import (
 //	crc     uint32   CRC-32C of everything before it
 //
 // A file that is short, has another magic or version, a length that does not match, or a
-// checksum that does not match is torn or foreign: it is never loaded.
-const formatVersion = 1
+// checksum that does not match is torn or foreign: it is never loaded. The version changes
+// whenever the layout does: version 2 added the cross of idle time with the hour of the day
+// and the fleet calendar, so a version 1 model or pool is dropped rather than misread.
+const formatVersion = 2
 
 var (
 	magicModel = [4]byte{'D', 'C', 'P', 'M'}
@@ -102,9 +104,15 @@ func (st *desktopState) validate() error {
 		return fmt.Errorf("state %d out of range", st.State)
 	}
 	for i := range st.Pend {
-		for _, n := range st.Pend[i].F.N {
+		f := &st.Pend[i].F
+		for j, n := range f.N {
 			if n > maxActive {
 				return fmt.Errorf("sample %d has %d features", i, n)
+			}
+			for _, k := range f.Idx[j][:n] {
+				if int(k) >= numFeatures {
+					return fmt.Errorf("sample %d has feature %d of %d", i, k, numFeatures)
+				}
 			}
 		}
 	}

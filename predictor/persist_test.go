@@ -1,7 +1,10 @@
 package predictor_test
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"hash/crc32"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -112,6 +115,52 @@ func TestReadModelFileDropsTornFiles(t *testing.T) {
 			must.True(t, errors.Is(err, predictor.ErrCorrupt), must.Sprintf("want ErrCorrupt, got %v", err))
 			_, err = os.Stat(path)
 			must.True(t, errors.Is(err, fs.ErrNotExist), must.Sprint("a torn file must be removed, never loaded later"))
+		})
+	}
+}
+
+// withVersion returns a copy of a state file with its version field set to v and its
+// checksum made good again: what an older or newer release wrote, intact.
+func withVersion(b []byte, v uint32) []byte {
+	b = append([]byte(nil), b...)
+	binary.LittleEndian.PutUint32(b[4:8], v)
+	n := len(b) - 4
+	binary.LittleEndian.PutUint32(b[n:], crc32.Checksum(b[:n], crc32.MakeTable(crc32.Castagnoli)))
+	return b
+}
+
+func TestReadDropsOtherVersions(t *testing.T) {
+	// A file another release wrote, intact, is not misread as this layout: it is dropped,
+	// and the desktop starts afresh.
+	pool, m, _ := trained(t)
+	dir := t.TempDir()
+	modelFile, poolFile := filepath.Join(dir, "model"), filepath.Join(dir, "pool")
+	must.NoError(t, predictor.WriteModelFile(modelFile, m))
+	must.NoError(t, predictor.WritePoolFile(poolFile, pool))
+	read := map[string]func(path string) error{
+		"model": func(path string) error {
+			_, err := predictor.ReadModelFile(path, pool, predictor.LearnDesktop)
+			return err
+		},
+		"pool": func(path string) error { _, err := predictor.ReadPoolFile(path); return err },
+	}
+	for kind, src := range map[string]string{"model": modelFile, "pool": poolFile} {
+		valid, err := os.ReadFile(src)
+		must.NoError(t, err)
+		for _, v := range []uint32{1, 3} {
+			t.Run(fmt.Sprintf("%s version %d", kind, v), func(t *testing.T) {
+				path := filepath.Join(t.TempDir(), kind)
+				must.NoError(t, os.WriteFile(path, withVersion(valid, v), 0o600))
+				err := read[kind](path)
+				must.True(t, errors.Is(err, predictor.ErrCorrupt), must.Sprintf("want ErrCorrupt, got %v", err))
+				_, err = os.Stat(path)
+				must.True(t, errors.Is(err, fs.ErrNotExist), must.Sprint("a file of another version must be removed"))
+			})
+		}
+		t.Run(kind+" this version", func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), kind)
+			must.NoError(t, os.WriteFile(path, withVersion(valid, binary.LittleEndian.Uint32(valid[4:8])), 0o600))
+			must.NoError(t, read[kind](path), must.Sprint("rewriting the same version must leave a readable file"))
 		})
 	}
 }

@@ -2,6 +2,7 @@ package predictor
 
 import (
 	"math"
+	"time"
 )
 
 // Learning rates and priors. They are round numbers chosen on a validation split inside
@@ -24,12 +25,29 @@ const (
 	// any desktop (one arrival in ten hours), weighted as defaultExposure minutes.
 	defaultRate     = 1.0 / 600
 	defaultExposure = 60.0
+	// calendarPrior is how many idle minutes of one calendar cell weigh as much as the
+	// fleet's usual rate on its weekday. A fleet's cell holds thousands; the prior only
+	// keeps a pool built on little history near "an ordinary day".
+	calendarPrior = 600.0
+)
+
+// The fleet calendar's cells are the quarters of each day of the year. A day is named by
+// its week of the year (weeks begin on Sunday; week 0 holds the days before the first
+// Sunday) and its weekday, so a cell falls on the same weekday every year and within three
+// days of the same date: a term that starts on a Monday in mid-August, or a break in the
+// fourth week of November, lands in the same cells year after year.
+const (
+	calendarDays   = 54 * 7
+	quartersPerDay = 4
+	calendarCells  = calendarDays * quartersPerDay
+	weekdayCells   = 7 * quartersPerDay
 )
 
 var seasonDecay = math.Pow(0.5, 1/seasonHalfLife)
 
 // Pool is the fleet-level prior that every desktop's Model starts from: logistic weights
-// for each horizon and the fleet's arrival rate for each hour of the week. It learns from
+// for each horizon, the fleet's arrival rate for each hour of the week, and its calendar:
+// how busy each day of the year was, against its weekday, in the years it has seen. It learns from
 // every desktop model that is created with LearnFleet, which must all run on one goroutine;
 // models that only read it may run concurrently once no model learns into it.
 type Pool struct {
@@ -44,6 +62,18 @@ type Pool struct {
 	Week int64
 	// Samples counts the samples the weights learned from.
 	Samples uint64
+	// CalendarA and CalendarE are the fleet's arrivals and idle minutes in each calendar
+	// cell, summed over every year seen, without decay. The day in progress is held in
+	// TodayA and TodayE and joins them when it is over, so a calendar feature never reads
+	// the day it describes: a pool learns from the same calendar it will forecast with.
+	CalendarA, CalendarE [calendarCells]float64
+	// WeekdayA and WeekdayE are the fleet's arrivals and idle minutes by weekday and quarter
+	// of the day, over every year seen: the usual rate a calendar cell is compared with.
+	WeekdayA, WeekdayE [weekdayCells]float64
+	// Today is the day, counted from the epoch in wall-clock time, that TodayA and TodayE
+	// hold by quarter.
+	Today          int64
+	TodayA, TodayE [quartersPerDay]float64
 }
 
 // NewPool returns the prior of a fleet nothing is known about: every hour of the week has
@@ -80,6 +110,74 @@ func (p *Pool) decayTo(w int64) {
 		p.SeasonE[c] *= f
 	}
 	p.Week = w
+}
+
+// calendarCell returns the fleet calendar's cell of wall-clock time ms, and its weekday
+// cell.
+func calendarCell(ms int64) (cell, wcell int) {
+	d := time.UnixMilli(ms).UTC()
+	yd, wd := d.YearDay()-1, int(d.Weekday())
+	week := (yd - wd + 7) / 7
+	q := int(floorMod(ms, msDay) / (msDay / quartersPerDay))
+	return (week*7+wd)*quartersPerDay + q, wd*quartersPerDay + q
+}
+
+// addCalendar counts arrivals and idle minutes at wall-clock time ms into the calendar.
+// The fleet's desktops learn into the pool in time order, but a desktop that was off for
+// days accounts its idle minutes only at its next event: those belong to days already
+// over, and go straight to their cells.
+func (p *Pool) addCalendar(ms int64, arrivals, minutes float64) {
+	cell, wcell := calendarCell(ms)
+	p.WeekdayA[wcell] += arrivals
+	p.WeekdayE[wcell] += minutes
+	day := floorDiv(ms, msDay)
+	if day > p.Today {
+		p.closeDay()
+		p.Today = day
+	}
+	if day == p.Today {
+		q := cell % quartersPerDay
+		p.TodayA[q] += arrivals
+		p.TodayE[q] += minutes
+		return
+	}
+	p.CalendarA[cell] += arrivals
+	p.CalendarE[cell] += minutes
+}
+
+// closeDay moves the day in progress into its calendar cells.
+func (p *Pool) closeDay() {
+	first, _ := calendarCell(p.Today * msDay)
+	for q := range quartersPerDay {
+		p.CalendarA[first+q] += p.TodayA[q]
+		p.CalendarE[first+q] += p.TodayE[q]
+		p.TodayA[q], p.TodayE[q] = 0, 0
+	}
+}
+
+// calendar returns the log of the fleet's arrival rate on the day of wall-clock time ms,
+// and in its quarter of the day, in the years the pool has seen, over its usual rate on
+// that weekday and quarter. Both are 0 for a pool that has seen no such day.
+func (p *Pool) calendar(ms int64) (day, quarter float64) {
+	cell, wcell := calendarCell(ms)
+	first, wfirst := cell-cell%quartersPerDay, wcell-wcell%quartersPerDay
+	var a, e, wa, we float64
+	for q := range quartersPerDay {
+		a += p.CalendarA[first+q]
+		e += p.CalendarE[first+q]
+		wa += p.WeekdayA[wfirst+q]
+		we += p.WeekdayE[wfirst+q]
+	}
+	return calendarLogRatio(a, e, wa, we),
+		calendarLogRatio(p.CalendarA[cell], p.CalendarE[cell], p.WeekdayA[wcell], p.WeekdayE[wcell])
+}
+
+// calendarLogRatio is the log of the rate a/e over the usual rate wa/we, the first shrunk
+// towards the second with calendarPrior and the result held within ±3.
+func calendarLogRatio(a, e, wa, we float64) float64 {
+	usual := (wa + defaultRate*defaultExposure) / (we + defaultExposure)
+	rate := (a + calendarPrior*usual) / (e + calendarPrior)
+	return max(-3, min(3, math.Log(rate/usual)))
 }
 
 // Clone returns a deep copy of the pool.
