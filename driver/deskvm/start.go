@@ -22,9 +22,6 @@ import (
 // cgroupRoot is where the host's cgroup filesystem is mounted.
 const cgroupRoot = "/sys/fs/cgroup"
 
-// commandAppend is the kernel command line of command-mode VMs.
-const commandAppend = "console=ttyS0 panic=-1 quiet deskvm.mode=command"
-
 // StartTask boots the task's VM. In command mode it returns once the guest command runs, so
 // a command that cannot start, or a guest that cannot boot, fails the start with the cause.
 // A task with a checkpoint resumes from it; while the owner is active (and yield is on) it
@@ -237,7 +234,7 @@ func buildSpec(cfg *drivers.TaskConfig, tc *TaskConfig, pc *Config, host hostInf
 	}
 	if tc.Command != "" {
 		td := cfg.TaskDir()
-		spec.Kernel, spec.Initrd, spec.Append = host.kernel, host.initrd, commandAppend
+		spec.Kernel, spec.Initrd, spec.Append = host.kernel, host.initrd, vm.CommandAppend
 		spec.Shares = []vm.Share{
 			{Tag: "local", HostPath: td.LocalDir},
 			{Tag: "secrets", HostPath: td.SecretsDir},

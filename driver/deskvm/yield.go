@@ -26,8 +26,9 @@ const (
 	// the idle CPU class; a command-mode guest drops once its agent answers. A guest kernel
 	// starved of CPU while it boots can fail its timer check and panic.
 	imageBootSettle = 20 * time.Second
-	// memoryPoll is how often the guest's memory is read for the memory layer.
-	memoryPoll = 2 * time.Second
+	// memoryPoll is how often the guest's memory is read for the memory layer: as often as
+	// the guest reports it.
+	memoryPoll = vm.GuestStatsInterval
 	// yieldOpTimeout bounds one QMP command of the yield loop; a checkpoint has its own.
 	yieldOpTimeout = 10 * time.Second
 	// checkpointTimeout bounds saving a VM to disk.

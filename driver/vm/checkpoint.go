@@ -113,6 +113,9 @@ type manifest struct {
 	Shares    []string `json:"shares,omitempty"`
 	Network   bool     `json:"network"`
 	Seed      bool     `json:"seed"`
+	// Balloon is the balloon device's properties (balloonFeatures). Checkpoints from before
+	// it was recorded have none; they load into any balloon this deskvm makes.
+	Balloon string `json:"balloon,omitempty"`
 
 	State manifestFile  `json:"state"`
 	Disk  *manifestDisk `json:"disk,omitempty"`
@@ -473,8 +476,9 @@ func (m *Machine) loadState(ctx context.Context, state *os.File) error {
 		return fmt.Errorf("load state: %w", err)
 	}
 	if err := waitMigration(ctx, mon, m.done); err != nil {
-		// QEMU 7.2 exits when it cannot load the state; its log says why.
-		if m.Exited() {
+		// QEMU 7.2 exits when it cannot load the state, and its log says why. The monitor
+		// may see the exit first, as a reply cut short, so give QEMU a moment to be reaped.
+		if m.exitsWithin(ctx, quitTimeout) {
 			return fmt.Errorf("load state: qemu exited: %s", m.LogTail(3))
 		}
 		return fmt.Errorf("load state: %w", err)
@@ -497,6 +501,19 @@ func (m *Machine) loadState(ctx context.Context, state *os.File) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// exitsWithin reports whether QEMU has exited, or exits within d.
+func (m *Machine) exitsWithin(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-m.done:
+		return true
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return false
 }
 
 // CheckCheckpoint tells whether dir holds a complete checkpoint: a manifest, and files that
@@ -562,6 +579,7 @@ func (mf *manifest) setLayout(s Spec) {
 	mf.Kernel = s.Kernel != ""
 	mf.Network = s.Network || len(s.Ports) > 0
 	mf.Seed = s.Seed != ""
+	mf.Balloon = balloonFeatures
 	mf.Shares = nil
 	for _, sh := range s.Shares {
 		mf.Shares = append(mf.Shares, sh.Tag)
@@ -591,6 +609,9 @@ func (mf *manifest) checkLayout(s Spec) error {
 	}
 	if want.Seed != mf.Seed {
 		errs = append(errs, fmt.Errorf("vm seed disk %t, checkpoint %t", want.Seed, mf.Seed))
+	}
+	if mf.Balloon != "" && mf.Balloon != want.Balloon {
+		errs = append(errs, fmt.Errorf("vm balloon has %q, checkpoint %q (saved by another deskvm release)", want.Balloon, mf.Balloon))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("device layout differs: %w", err)

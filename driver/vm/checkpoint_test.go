@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -106,6 +107,31 @@ func TestCheckpointRestore(t *testing.T) {
 		_, err := Restore(ctx, tspec, torn)
 		must.ErrorIs(t, err, ErrTornCheckpoint)
 		must.FileNotExists(t, tspec.PIDFile(), must.Sprint("no qemu may start from a torn checkpoint"))
+	})
+
+	t.Run("state qemu cannot load", func(t *testing.T) {
+		// A checkpoint whose files match its manifest but which QEMU refuses, as one from
+		// another deskvm's devices would be: the error carries QEMU's own reason.
+		bad := filepath.Join(t.TempDir(), "bad")
+		must.NoError(t, os.Mkdir(bad, 0o700))
+		b, err := os.ReadFile(filepath.Join(dir, CheckpointStateFile))
+		must.NoError(t, err)
+		copy(b, "NOTQ") // QEMU's stream starts with the magic "QEVM"
+		must.NoError(t, os.WriteFile(filepath.Join(bad, CheckpointStateFile), b, 0o600))
+		mb, err := os.ReadFile(filepath.Join(dir, CheckpointManifestFile))
+		must.NoError(t, err)
+		var mf manifest
+		must.NoError(t, json.Unmarshal(mb, &mf))
+		sum := sha256.Sum256(b)
+		mf.State.SHA256 = hex.EncodeToString(sum[:])
+		must.NoError(t, writeManifest(bad, mf))
+		must.NoError(t, CheckCheckpoint(bad))
+
+		bspec := testSpec(t, "ckpt-bad", 1, 512)
+		m, err := Restore(ctx, bspec, bad)
+		must.Nil(t, m)
+		must.ErrorContains(t, err, "qemu exited")
+		must.ErrorContains(t, err, "Not a migration stream")
 	})
 
 	// The resumed VM's stdout goes to a new file: QEMU truncates a file chardev it opens.
@@ -243,6 +269,12 @@ func TestRestoreRefuses(t *testing.T) {
 			spec: func(s *Spec) { s.Shares = append(s.Shares, Share{Tag: "alloc", HostPath: "/tmp"}) }},
 		{name: "other vcpus and network", want: "vm has 4 vcpus, checkpoint 2",
 			spec: func(s *Spec) { s.CPUs, s.Network = 4, true }},
+		{name: "other balloon", want: `vm balloon has "free-page-reporting=on", checkpoint "free-page-reporting=on,page-poison=on"`,
+			damage: editManifest(func(mf *manifest) { mf.Balloon = "free-page-reporting=on,page-poison=on" })},
+		// A checkpoint from before the balloon was recorded passes the layout check (such
+		// checkpoints load into today's balloon) and gets as far as starting QEMU.
+		{name: "balloon not recorded", want: "/nonexistent/qemu",
+			damage: editManifest(func(mf *manifest) { mf.Balloon = "" })},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			spec := base
@@ -260,6 +292,16 @@ func TestRestoreRefuses(t *testing.T) {
 			must.Eq(t, tc.torn, errors.Is(err, ErrTornCheckpoint), must.Sprintf("errors.Is(%v, ErrTornCheckpoint)", err))
 			must.FileNotExists(t, spec.PIDFile(), must.Sprint("no qemu may start"))
 		})
+	}
+}
+
+// editManifest returns a damage function that rewrites a checkpoint's manifest with edit.
+func editManifest(edit func(mf *manifest)) func(t *testing.T, dir string) {
+	return func(t *testing.T, dir string) {
+		mf, err := readCheckpoint(dir)
+		must.NoError(t, err)
+		edit(&mf)
+		must.NoError(t, writeManifest(dir, mf))
 	}
 }
 

@@ -402,8 +402,13 @@ func (m *Machine) Balloon(ctx context.Context) (int, error) {
 const balloonPath = "/machine/peripheral/balloon0"
 
 // GuestStatsInterval is how often the guest reports its memory statistics once GuestMemory
-// has asked for them.
-const GuestStatsInterval = 2 * time.Second
+// has asked for them. The balloon never takes the guest below what it last reported using,
+// so a report from before the guest freed memory holds back memory the owner needs until
+// the next one. In BenchmarkOwnerMemory, with 2 s here and the owner's memory read every
+// second, one trial in three made its first balloon request 3 s after the owner began, and
+// the owner passed the desktop's RAM; with 1 s here and 250 ms readings, every trial asked
+// within 0.27 s and none passed it.
+const GuestStatsInterval = time.Second
 
 // ErrNoGuestStats means the guest has not reported memory statistics yet: it reports only
 // once GuestMemory has asked for them, after up to GuestStatsInterval, and never if it has

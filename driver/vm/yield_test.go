@@ -421,7 +421,7 @@ func testSpec(tb testing.TB, name string, cpus, memMiB int) Spec {
 		MemoryMiB:   memMiB,
 		Kernel:      guestkit.KernelELF(),
 		Initrd:      guestkit.Initrd(),
-		Append:      "console=ttyS0 panic=-1 quiet deskvm.mode=command",
+		Append:      CommandAppend,
 		Stdout:      filepath.Join(dir, "stdout"),
 		Stderr:      filepath.Join(dir, "stderr"),
 	}

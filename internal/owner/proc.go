@@ -21,9 +21,12 @@ const (
 	// DefaultCPUInterval is how often a ProcSource samples CPU: often enough that the yield
 	// policy can cap a VM within a fraction of a second of the owner getting busy.
 	DefaultCPUInterval = 25 * time.Millisecond
-	// DefaultMemoryInterval is how often a ProcSource reads memory: memory pressure builds
-	// over seconds, and the balloon answers over seconds.
-	DefaultMemoryInterval = time.Second
+	// DefaultMemoryInterval is how often a ProcSource reads memory. A program loading can
+	// ask for 512 MiB a second, and the balloon hands back a GiB in under a second, so
+	// sensing sets the pace: at 1 s the owner of a desktop with 1.1 GiB to spare passed its
+	// RAM in 1 of 3 trials of BenchmarkOwnerMemory (driver/vm), at 250 ms in none. Reading
+	// /proc/meminfo costs microseconds.
+	DefaultMemoryInterval = 250 * time.Millisecond
 )
 
 // userHZ is the unit of /proc/stat and /proc/<pid>/stat times. The kernel fixes it at 100

@@ -228,7 +228,7 @@ func TestProcSourceRun(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx, func(s Sample) { got <- s }) }()
 
-	ticks := int(time.Second / DefaultCPUInterval) // memory comes due again on the last
+	ticks := int(time.Second / DefaultCPUInterval) // memory comes due every DefaultMemoryInterval
 	for i := 1; i <= ticks; i++ {
 		must.NoError(t, clock.WaitForWaiters(ctx, 1))
 		fp.setStat(uint64(10*i), uint64(30*i))
@@ -253,7 +253,7 @@ func TestProcSourceRun(t *testing.T) {
 			mem++
 		}
 	}
-	must.Eq(t, 1, mem, must.Sprint("memory is read at start and once a second"))
+	must.Eq(t, int(time.Second/DefaultMemoryInterval), mem, must.Sprintf("memory is read at start and every %s", DefaultMemoryInterval))
 }
 
 // TestProcSourceRealProc reads this machine's /proc, excluding this test process.

@@ -237,7 +237,7 @@ func bareCommand(state, kernel, initrd string) (time.Duration, error) {
 	spec := vm.Spec{
 		Name: "deskvm-bench-" + uuid.Short(), StateDir: dir, SocketDir: filepath.Join(state, "bare"),
 		QEMUBinary: "qemu-system-x86_64", Accelerator: vm.AccelTCG, CPUs: 1, MemoryMiB: 256,
-		Kernel: kernel, Initrd: initrd, Append: "console=ttyS0 panic=-1 quiet deskvm.mode=command",
+		Kernel: kernel, Initrd: initrd, Append: vm.CommandAppend,
 		Stdout: os.DevNull, Stderr: os.DevNull,
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
