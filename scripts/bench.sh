@@ -10,6 +10,9 @@ echo "==> machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048
 echo "==> cold start: deskvm vs Nomad's qemu driver vs bare QEMU"
 go run ./scripts/coldstart -runs "${BENCH_RUNS:-5}"
 
+echo "==> owner slowdown through a real Nomad: deskvm vs Nomad's qemu driver vs plain QEMU at nice 19"
+go run ./scripts/slowdown -runs "${BENCH_RUNS:-5}"
+
 echo "==> yield layers on a real VM: owner slowdown, CPU cap and balloon reaction, free page reporting, harvest, checkpoint"
 go test -run '^$' -bench . -benchtime 1x -timeout 20m ./driver/vm/
 

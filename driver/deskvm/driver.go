@@ -378,13 +378,15 @@ func accountingCgroup(dirs []string) string {
 	return ""
 }
 
-// removeOwnCgroups removes the task's cgroups that Nomad does not: on cgroup v1 with cpuacct
-// mounted apart from cpu, the cpuacct dir is the driver's own (Nomad removes the
-// controllers it manages). A cgroup dir is removed with rmdir once no process is in it.
+// removeOwnCgroups removes the task's cgroups that Nomad does not: on cgroup v1, a yielding
+// task's own cpu cgroup (cgroupDirs), and the cpuacct dir where cpuacct is mounted apart
+// from cpu (Nomad removes the controllers it manages). A cgroup dir is removed with rmdir
+// once no process is in it.
 func removeOwnCgroups(dirs []string) {
-	own := filepath.Join(cgroupRoot, "cpuacct") + string(filepath.Separator)
+	acct := filepath.Join(cgroupRoot, "cpuacct") + string(filepath.Separator)
+	cpu := filepath.Join(cgroupRoot, "cpu", ownCPUPrefix)
 	for _, dir := range dirs {
-		if strings.HasPrefix(dir, own) {
+		if strings.HasPrefix(dir, acct) || strings.HasPrefix(dir, cpu) {
 			_ = os.Remove(dir)
 		}
 	}

@@ -494,6 +494,13 @@ func TestDriver_QEMUCrashFailsTask(t *testing.T) {
 // TestRemoveOwnCgroups checks that destroying a task removes the cgroup v1 cpuacct dir the
 // driver made for it, and no other.
 func TestRemoveOwnCgroups(t *testing.T) {
+	cpu := filepath.Join(cgroupRoot, "cpu", fmt.Sprintf("%sdeskcloud-test-%d", ownCPUPrefix, os.Getpid()))
+	if err := os.Mkdir(cpu, 0o755); err == nil {
+		t.Cleanup(func() { _ = os.Remove(cpu) })
+		removeOwnCgroups([]string{cpu})
+		_, err := os.Stat(cpu)
+		must.True(t, os.IsNotExist(err), must.Sprintf("a yielding task's own cpu dir must be gone, stat says %v", err))
+	}
 	acct := filepath.Join(cgroupRoot, "cpuacct")
 	if sameMount(filepath.Join(cgroupRoot, "cpu"), acct) {
 		t.Skip("cpuacct is mounted with cpu here: Nomad removes it")
@@ -509,6 +516,38 @@ func TestRemoveOwnCgroups(t *testing.T) {
 	must.True(t, os.IsNotExist(err), must.Sprintf("the cpuacct dir must be gone, stat says %v", err))
 	_, err = os.Stat(other)
 	must.NoError(t, err, must.Sprint("dirs Nomad manages are left to Nomad"))
+}
+
+// TestCgroupDirs checks where a task's QEMU goes: on cgroup v1 a yielding task's cpu cgroup
+// sits at the root of the cpu hierarchy, beside the owner's session, so that its cpu.idle
+// counts against them; everything else stays Nomad's.
+func TestCgroupDirs(t *testing.T) {
+	task := &drivers.TaskConfig{AllocID: "a1", Name: "t", Resources: &drivers.Resources{
+		LinuxResources: &drivers.LinuxResources{CpusetCgroupPath: "/sys/fs/cgroup/cpuset/nomad/shared"}}}
+	cpuSame := sameMount(filepath.Join(cgroupRoot, "cpu"), filepath.Join(cgroupRoot, "cpuacct"))
+	v1 := func(cpu string) []string {
+		dirs := []string{"/sys/fs/cgroup/cpuset/nomad/shared", cpu}
+		if !cpuSame {
+			dirs = append(dirs, "/sys/fs/cgroup/cpuacct/nomad/a1.t")
+		}
+		return append(dirs, "/sys/fs/cgroup/memory/nomad/a1.t", "/sys/fs/cgroup/freezer/nomad/a1.t")
+	}
+	for _, tc := range []struct {
+		name   string
+		mode   vm.CgroupMode
+		yields bool
+		want   []string
+	}{
+		{"v1 yielding", vm.CgroupV1, true, v1("/sys/fs/cgroup/cpu/deskvm.a1.t")},
+		{"v1 without yield", vm.CgroupV1, false, v1("/sys/fs/cgroup/cpu/nomad/a1.t")},
+		{"v2", vm.CgroupV2, true, []string{"/sys/fs/cgroup/cpuset/nomad/shared"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			must.Eq(t, tc.want, cgroupDirs(tc.mode, task, tc.yields))
+		})
+	}
+	must.Nil(t, cgroupDirs(vm.CgroupV1, &drivers.TaskConfig{AllocID: "a1", Name: "t"}, true),
+		must.Sprint("no cgroups without Nomad's cpuset path (a test harness)"))
 }
 
 // TestDriver_StartWaitsForProbe starts a task while the accelerator probe is still running,

@@ -177,7 +177,7 @@ func withTaskCgroups(t *testing.T, task *drivers.TaskConfig) []string {
 		t.Skipf("the cpu cap needs a cgroup filesystem at %s", cgroupRoot)
 	}
 	task.Resources.LinuxResources = &drivers.LinuxResources{CpusetCgroupPath: cpuset}
-	dirs := cgroupDirs(mode, task)
+	dirs := cgroupDirs(mode, task, true)
 	var made []string // created here, removed deepest first
 	for _, dir := range dirs {
 		for p := dir; ; p = filepath.Dir(p) {
