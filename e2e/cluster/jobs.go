@@ -10,6 +10,23 @@ import (
 	"github.com/hashicorp/nomad/api"
 )
 
+// OneShotJob returns a batch job of one group "g" with one task "t" that is neither
+// restarted nor rescheduled, for measurements, where a failed run must fail the measurement
+// rather than be retried.
+func OneShotJob(id, driver string, config map[string]any, res *api.Resources) *api.Job {
+	job := api.NewBatchJob(id, id, "global", 50)
+	tg := api.NewTaskGroup("g", 1)
+	zero, no, fail := 0, false, "fail"
+	tg.RestartPolicy = &api.RestartPolicy{Attempts: &zero, Mode: &fail}
+	tg.ReschedulePolicy = &api.ReschedulePolicy{Attempts: &zero, Unlimited: &no}
+	task := api.NewTask("t", driver)
+	task.Config = config
+	task.Resources = res
+	tg.AddTask(task)
+	job.AddTaskGroup(tg)
+	return job
+}
+
 // RunJobFile parses a jobspec with the agent (as `nomad job run` does) and registers it.
 // mutate, if set, edits the parsed job first, e.g. to give it a unique id.
 func (a *Agent) RunJobFile(path string, mutate func(*api.Job)) (*api.Job, error) {

@@ -173,17 +173,7 @@ func waitDriver(ctx context.Context, a *cluster.Agent, name string) error {
 }
 
 func batchJob(id, driver string, config map[string]any) *api.Job {
-	job := api.NewBatchJob(id, id, "global", 50)
-	tg := api.NewTaskGroup("g", 1)
-	zero := 0
-	tg.RestartPolicy = &api.RestartPolicy{Attempts: &zero, Mode: pointer("fail")}
-	tg.ReschedulePolicy = &api.ReschedulePolicy{Attempts: &zero, Unlimited: pointer(false)}
-	task := api.NewTask("t", driver)
-	task.Config = config
-	task.Resources = &api.Resources{CPU: pointer(1000), MemoryMB: pointer(256)}
-	tg.AddTask(task)
-	job.AddTaskGroup(tg)
-	return job
+	return cluster.OneShotJob(id, driver, config, &api.Resources{CPU: pointer(1000), MemoryMB: pointer(256)})
 }
 
 func pointer[T any](v T) *T { return &v }

@@ -206,22 +206,13 @@ func busyScript(vcpus int) string {
 // stop deregisters it and waits until its VM has gone.
 func startJob(ctx context.Context, a *cluster.Agent, driver string, config map[string]any, vcpus int) (stop func(), err error) {
 	id := "slowdown-" + driver + "-" + uuid.Short()
-	job := api.NewBatchJob(id, id, "global", 50)
-	tg := api.NewTaskGroup("g", 1)
-	zero := 0
-	tg.RestartPolicy = &api.RestartPolicy{Attempts: &zero, Mode: pointer("fail")}
-	tg.ReschedulePolicy = &api.ReschedulePolicy{Attempts: &zero, Unlimited: pointer(false)}
-	task := api.NewTask("t", driver)
-	task.Config = config
 	// deskvm gives a task as many vCPUs as its cpu MHz needs cores; reserving whole cores
 	// (resources.cores) would need every core free of the agent's own reservation.
 	mhz, err := perCoreMHz(a)
 	if err != nil {
 		return nil, err
 	}
-	task.Resources = &api.Resources{CPU: pointer(mhz*(vcpus-1) + 1), MemoryMB: pointer(256)}
-	tg.AddTask(task)
-	job.AddTaskGroup(tg)
+	job := cluster.OneShotJob(id, driver, config, &api.Resources{CPU: pointer(mhz*(vcpus-1) + 1), MemoryMB: pointer(256)})
 	if _, _, err := a.Client.Jobs().Register(job, nil); err != nil {
 		return nil, err
 	}
