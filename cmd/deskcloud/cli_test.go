@@ -207,6 +207,8 @@ type simulateReport struct {
 	Collisions      int64   `json:"collisions"`
 	ArrivalsAtFloor int64   `json:"arrivals_at_floor"`
 	ArrivalsVacant  int64   `json:"arrivals_vacant"`
+	Starts          int64   `json:"starts"`
+	FloorStarts     int64   `json:"floor_starts"`
 	Shrinks         int64   `json:"shrinks"`
 }
 
@@ -233,6 +235,22 @@ func TestSimulateFloorFlags(t *testing.T) {
 
 	off := simulate("--start-below", "0.05", "--shrink-above", "0.1", "--drain-above", "0.1")
 	must.Zero(t, off.FloorHours+float64(off.Shrinks+off.ArrivalsAtFloor), must.Sprint("--shrink-above = --drain-above: no floor layer"))
+
+	// Starting VMs at their floor up to a higher P starts more of them, and harvests more.
+	full := simulate("--start-below", "0.01", "--floor-start-below", "0.01")
+	floorStart := simulate("--start-below", "0.01", "--floor-start-below", "0.1")
+	must.Zero(t, full.FloorStarts, must.Sprint("--floor-start-below = --start-below: VMs start at full size only"))
+	must.Positive(t, floorStart.FloorStarts)
+	must.LessEq(t, floorStart.Starts, floorStart.FloorStarts)
+	must.Greater(t, full.MachineHours, floorStart.MachineHours)
+	must.Greater(t, full.FloorHours, floorStart.FloorHours)
+	must.Eq(t, full.Arrivals, floorStart.Arrivals)
+
+	// With the fleet context made from the desktops' published forecasts.
+	ctx := simulate("--fleet-context", "--start-below", "0.01", "--floor-start-below", "0.1")
+	must.Positive(t, ctx.MachineHours)
+	must.Eq(t, ctx.Arrivals, ctx.Collisions+ctx.ArrivalsAtFloor+ctx.ArrivalsVacant)
+	must.Eq(t, full.Arrivals, ctx.Arrivals)
 }
 
 func TestSimulateUsageErrors(t *testing.T) {
@@ -250,6 +268,9 @@ func TestSimulateUsageErrors(t *testing.T) {
 		{"start at 0", []string{"--trace", path, "--start-below", "0"}, "--start-below must be above 0 and at most 1, got 0"},
 		{"shrink below start", []string{"--trace", path, "--start-below", "0.05", "--shrink-above", "0.02"}, "--shrink-above must be at least --start-below (0.05), got 0.02"},
 		{"drain below shrink", []string{"--trace", path, "--shrink-above", "0.1", "--drain-above", "0.05"}, "--drain-above must be at least --shrink-above (0.1), got 0.05"},
+		{"floor start below start", []string{"--trace", path, "--start-below", "0.02", "--floor-start-below", "0.01"}, "--floor-start-below must be at least --start-below (0.02) and at most 1, got 0.01"},
+		{"floor start above drain", []string{"--trace", path, "--floor-start-below", "0.2", "--drain-above", "0.1"}, "--floor-start-below must be at most --drain-above (0.1), got 0.2"},
+		{"bad group", []string{"--trace", path, "--fleet-context", "--group-by", "room"}, "--group-by: want prefix or none"},
 		{"negative min floor", []string{"--trace", path, "--min-floor", "-1m"}, "--min-floor must not be negative, got -1m0s"},
 		{"floor work above 1", []string{"--trace", path, "--floor-work", "1.5"}, "--floor-work must be between 0 and 1, got 1.5"},
 		{"floor work negative", []string{"--trace", path, "--floor-work", "-0.1"}, "--floor-work must be between 0 and 1, got -0.1"},

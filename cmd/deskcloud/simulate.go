@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"slices"
@@ -15,18 +16,21 @@ import (
 
 	"github.com/deskcloud/deskcloud/internal/harvest"
 	"github.com/deskcloud/deskcloud/predictor"
+	"github.com/deskcloud/deskcloud/predictor/eval"
 	"github.com/deskcloud/deskcloud/predictor/trace"
 )
 
 const simulateUsage = `deskcloud simulate --trace PATH [--from DATE] [--to DATE] [--policy condor,forecast]
-       [--lead 10m] [--start-below P] [--shrink-above P] [--drain-above P] [--min-floor 15m]
-       [--floor-work F] [--shrink-time 1m] [--pool FILE] [--json]
+       [--lead 10m] [--start-below P] [--shrink-above P] [--floor-start-below P] [--drain-above P]
+       [--min-floor 15m] [--floor-work F] [--shrink-time 1m] [--pool FILE] [--fleet-context]
+       [--json]
 
 Replays every desktop of a trace through the harvest policies and reports the machine-hours
 harvested (at full size and at the floor), owner collisions (arrivals while a VM holds the
 desktop above its floor), preemptions and work lost. Rows before --from (up to --warmup of
 them) only teach the desktops' forecast models. Build a pool for --pool with
-'deskcloud predict eval --own-history-only ... --save-pool FILE' on earlier data.`
+'deskcloud predict eval --own-history-only ... --save-pool FILE' on earlier data, or, with
+--fleet-context, with 'deskcloud predict eval ... --save-pool FILE' (its default mode).`
 
 // runSimulate implements `deskcloud simulate`.
 func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -40,17 +44,23 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	def := harvest.DefaultForecast()
 	lead := fs.Duration("lead", def.Lead, "forecast policy: how far ahead the desktop must be ready; the thresholds are probabilities of the owner's return within this")
 	startBelow := fs.Float64("start-below", def.StartBelow, "forecast policy: start a VM, or grow one at its floor, only when P is below this")
-	shrinkAbove := fs.Float64("shrink-above", def.ShrinkAbove, "forecast policy: shrink a running VM to its floor when P reaches this (equal to --drain-above: no floor layer)")
+	shrinkAbove := fs.Float64("shrink-above", def.ShrinkAbove, "forecast policy: shrink a running VM to its floor when P reaches this (equal to --drain-above: never, a drain comes first)")
+	floorStartBelow := fs.Float64("floor-start-below", def.FloorStartBelow, "forecast policy: start a VM at its floor when P is below this but not below --start-below (equal to --start-below: VMs start at full size only; when not given, --start-below if that is higher)")
 	drainAbove := fs.Float64("drain-above", def.DrainAbove, "forecast policy: drain a VM when P reaches this (above 1: never)")
 	minFloor := fs.Duration("min-floor", def.MinFloor, "forecast policy: least time a VM stays at its floor before it grows back")
 	floorWork := fs.Float64("floor-work", 1, "work credited for an hour at the floor, as a fraction of an hour at full size, 0 to 1")
 	shrinkTime := fs.Duration("shrink-time", time.Minute, "how long a VM takes to reach its floor; an owner arriving sooner collides with it")
 	poolPath := fs.String("pool", "", "fleet prior for the forecast models, from predict eval --save-pool (default: untrained)")
 	frozen := fs.Bool("frozen", false, "forecast models do not learn during the simulation")
+	fleetContext := fs.Bool("fleet-context", false, "give the forecast models the fleet context made from the desktops' published forecasts, as predict eval does by default; the pool must be built that way")
+	groupBy := fs.String("group-by", "prefix", "with --fleet-context, how desktops form groups: prefix (name without its trailing digits) or none")
 	asJSON := fs.Bool("json", false, "write the reports as JSON")
 	quiet := fs.Bool("quiet", false, "no progress on stderr")
 	if err := parseFlags(fs, args, stdout); err != nil {
 		return err
+	}
+	if !flagSet(fs, "floor-start-below") {
+		*floorStartBelow = max(*floorStartBelow, *startBelow)
 	}
 	if len(paths) == 0 {
 		return usageError("give --trace")
@@ -60,6 +70,14 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	if *shrinkTime <= 0 {
 		return usageError("--shrink-time must be positive, got %s", *shrinkTime)
+	}
+	var group func(node string) string
+	switch *groupBy {
+	case "prefix":
+		group = eval.GroupByPrefix
+	case "none":
+	default:
+		return usageError("--group-by: want prefix or none, got %q", *groupBy)
 	}
 	opt := harvest.Options{Frozen: *frozen, FloorLoss: 1 - *floorWork, ShrinkTime: *shrinkTime}
 	var err error
@@ -79,7 +97,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			pols = append(pols, harvest.NewCondor())
 		case "forecast":
 			f := def
-			f.Lead, f.StartBelow, f.ShrinkAbove, f.DrainAbove, f.MinFloor = *lead, *startBelow, *shrinkAbove, *drainAbove, *minFloor
+			f.Lead, f.StartBelow, f.ShrinkAbove, f.FloorStartBelow, f.DrainAbove, f.MinFloor = *lead, *startBelow, *shrinkAbove, *floorStartBelow, *drainAbove, *minFloor
 			if err := f.Validate(flagName); err != nil {
 				return usageError("%v", err)
 			}
@@ -99,11 +117,23 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 
 	start := time.Now()
-	desktops, rep, err := readDesktops(paths, opt.From, opt.To, *warmup)
+	desktops, names, rep, err := readDesktops(paths, opt.From, opt.To, *warmup)
 	if err != nil {
 		return err
 	}
 	log.Info().Int("desktops", len(desktops)).Int("rows", rep.Records).Msg("trace read")
+	if *fleetContext {
+		var groups []string
+		if group != nil {
+			groups = make([]string, len(names))
+			for i, n := range names {
+				groups[i] = group(n)
+			}
+		}
+		if opt.Context, err = harvest.NewFleetContext(desktops, groups); err != nil {
+			return err
+		}
+	}
 	var reports []harvest.Report
 	for _, p := range pols {
 		r, err := harvest.Simulate(ctx, p, desktops, opt)
@@ -131,22 +161,23 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 // readDesktops reads the trace into each desktop's events, in order of first appearance,
-// keeping rows from warmup before from up to to.
-func readDesktops(paths []string, from, to time.Time, warmup time.Duration) ([][]harvest.Event, trace.Report, error) {
+// keeping rows from warmup before from up to to, and returns the desktops' names.
+func readDesktops(paths []string, from, to time.Time, warmup time.Duration) ([][]harvest.Event, []string, trace.Report, error) {
 	r, err := trace.Open(paths, trace.Options{})
 	if err != nil {
-		return nil, trace.Report{}, err
+		return nil, nil, trace.Report{}, err
 	}
 	defer r.Close()
 	index := map[string]int{}
 	var desktops [][]harvest.Event
+	var names []string
 	for {
 		rec, err := r.Next()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			return nil, r.Report(), err
+			return nil, nil, r.Report(), err
 		}
 		if (!from.IsZero() && rec.Time.Before(from.Add(-warmup))) || (!to.IsZero() && !rec.Time.Before(to)) {
 			continue
@@ -156,10 +187,18 @@ func readDesktops(paths []string, from, to time.Time, warmup time.Duration) ([][
 			i = len(desktops)
 			index[rec.Node] = i
 			desktops = append(desktops, nil)
+			names = append(names, rec.Node)
 		}
 		desktops[i] = append(desktops[i], harvest.Event{Time: rec.Time, State: rec.State})
 	}
-	return desktops, r.Report(), nil
+	return desktops, names, r.Report(), nil
+}
+
+// flagSet reports whether the named flag was given.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 // flagName names a harvest.Forecast field by its flag: start_below is --start-below.
@@ -171,15 +210,15 @@ func writeReports(w io.Writer, reports []harvest.Report) error {
 		condor = reports[i].HarvestedHours
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "policy\tharvested h\tof condor\tfull h\tfloor h\tarrivals\tcollisions\tat floor\tpreemptions\tpower-offs\tdrains\tshrinks\tgrows\tlost h (checkpoint)\tlost h (none)\t\n")
+	fmt.Fprintf(tw, "policy\tharvested h\tof condor\tfull h\tfloor h\tarrivals\tcollisions\tat floor\tpreemptions\tpower-offs\tdrains\tstarts (at floor)\tshrinks\tgrows\tlost h (checkpoint)\tlost h (none)\t\n")
 	for _, r := range reports {
 		share := "-"
 		if condor > 0 {
 			share = fmt.Sprintf("%.1f%%", 100*r.HarvestedHours/condor)
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%.0f\t%.0f\t%d\t%d (%.1f%%)\t%d (%.1f%%)\t%d\t%d\t%d\t%d\t%d\t%.0f\t%.0f\t\n",
+		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%.0f\t%.0f\t%d\t%d (%.1f%%)\t%d (%.1f%%)\t%d\t%d\t%d\t%d (%d)\t%d\t%d\t%.0f\t%.0f\t\n",
 			r.Policy, r.HarvestedHours, share, r.FullHours, r.FloorHours, r.Arrivals, r.Collisions, 100*r.CollisionRate(),
-			r.ArrivalsAtFloor, 100*r.AtFloorRate(), r.Preemptions, r.PowerOffs, r.Drains, r.Shrinks, r.Grows, r.LostHours, r.LostHoursNoCheckpoint)
+			r.ArrivalsAtFloor, 100*r.AtFloorRate(), r.Preemptions, r.PowerOffs, r.Drains, r.Starts, r.FloorStarts, r.Shrinks, r.Grows, r.LostHours, r.LostHoursNoCheckpoint)
 	}
 	if err := tw.Flush(); err != nil {
 		return err

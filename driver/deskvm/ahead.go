@@ -38,6 +38,10 @@ type HarvestConfig struct {
 	StartBelow string `codec:"start_below"`
 	// ShrinkAbove: the probability at which a running VM's memory goes to its floor.
 	ShrinkAbove string `codec:"shrink_above"`
+	// FloorStartBelow: P(owner back within lead) below which, from StartBelow up, a VM may
+	// start, but at its floor: the advice is "start", and the task's VM goes to its memory
+	// floor as soon as it runs, until the policy lets it grow.
+	FloorStartBelow string `codec:"floor_start_below"`
 	// DrainAbove: the probability at which a VM is checkpointed and stopped ahead of the
 	// owner (checkpoint mode only); "never" leaves that to the yield layers.
 	DrainAbove string `codec:"drain_above"`
@@ -61,6 +65,7 @@ func newHarvestSpec(f harvest.Forecast) *hclspec.Spec {
 		{"lead", "string", q(owner.FormatDuration(f.Lead))},
 		{"start_below", "string", q(formatLoad(f.StartBelow))},
 		{"shrink_above", "string", q(formatLoad(f.ShrinkAbove))},
+		{"floor_start_below", "string", q(formatLoad(f.FloorStartBelow))},
 		{"drain_above", "string", q(drain)},
 		{"min_idle", "string", q(owner.FormatDuration(f.MinIdle))},
 		{"min_floor", "string", q(owner.FormatDuration(f.MinFloor))},
@@ -90,6 +95,7 @@ func (c HarvestConfig) policy() (harvest.Forecast, error) {
 	dur("lead", c.Lead, &f.Lead)
 	prob("start_below", c.StartBelow, &f.StartBelow)
 	prob("shrink_above", c.ShrinkAbove, &f.ShrinkAbove)
+	prob("floor_start_below", c.FloorStartBelow, &f.FloorStartBelow)
 	if strings.TrimSpace(c.DrainAbove) == neverDrain {
 		f.DrainAbove = math.Inf(1)
 	} else {
@@ -150,7 +156,7 @@ func (s *ownerSensor) advice(now time.Time, f harvest.Forecast) (string, bool) {
 		return adviceOwner, true
 	}
 	sit.Phase = harvest.Vacant
-	if f.Decide(sit) == harvest.Start {
+	if a := f.Decide(sit); a == harvest.Start || a == harvest.StartAtFloor {
 		return adviceStart, true
 	}
 	switch p := harvest.ReturnWithin(sit.Forecast, f.Lead); {
@@ -168,6 +174,23 @@ type ahead struct {
 	policy  harvest.Forecast
 	atFloor bool
 	since   time.Time // when the VM last went to or left its floor
+}
+
+// begin asks the policy about a VM that has just started (or resumed): where the policy
+// would start it at its floor, it goes there at once, and begin returns the event to report.
+func (a *ahead) begin(now time.Time, sensor *ownerSensor, d *yield.Decider) (event string) {
+	sit, ok := sensor.situation(now)
+	if !ok {
+		return ""
+	}
+	sit.Phase = harvest.Vacant
+	if a.policy.Decide(sit) != harvest.StartAtFloor {
+		return ""
+	}
+	a.atFloor, a.since = true, now
+	reason := fmt.Sprintf("started at its floor: the owner may be back within %s (p %.3f)", owner.FormatDuration(a.policy.Lead), harvest.ReturnWithin(sit.Forecast, a.policy.Lead))
+	d.SetAhead(reason)
+	return reason
 }
 
 // step asks the policy at now and applies its answer to d. It returns an event to report

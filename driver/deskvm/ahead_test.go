@@ -106,3 +106,58 @@ func TestHarvestConfigNever(t *testing.T) {
 	must.NoError(t, err)
 	must.True(t, math.IsInf(hp.DrainAbove, 1), must.Sprintf("drain_above never is +Inf, got %v", hp.DrainAbove))
 }
+
+// TestAheadStartsAtFloor: where the policy starts VMs at their floor (P of the owner's return
+// between start_below and floor_start_below), the scheduler is told to start work, and the
+// task's VM goes to its floor as soon as it runs; with starts at the floor off, it runs at
+// full size.
+func TestAheadStartsAtFloor(t *testing.T) {
+	monday := time.Date(2026, 3, 2, 0, 0, 0, 0, time.UTC) // a Monday
+	night := monday.AddDate(0, 0, 1).Add(3 * time.Hour)
+	s := trainedSensor(t, 4, night)
+	sit, ok := s.situation(night)
+	must.True(t, ok)
+	p := harvest.ReturnWithin(sit.Forecast, 10*time.Minute)
+	must.Positive(t, p)
+
+	// start_below below the night's p, floor_start_below above it: start, at the floor.
+	atFloor := harvest.NewForecast(10*time.Minute, p/2, min(1, 2*p), math.Inf(1))
+	atFloor.FloorStartBelow = min(1, 2*p)
+	must.NoError(t, atFloor.Validate(nil))
+	full := harvest.NewForecast(10*time.Minute, p/2, min(1, 2*p), math.Inf(1))
+
+	for _, tc := range []struct {
+		name   string
+		policy harvest.Forecast
+		floor  bool
+		advice string
+	}{
+		{"starts at floor", atFloor, true, adviceStart},
+		{"starts at floor off", full, false, adviceWait},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			advice, ok := s.advice(night, tc.policy)
+			must.True(t, ok)
+			must.Eq(t, tc.advice, advice)
+
+			yp := yield.DefaultPolicy()
+			d := yield.NewDecider(yp, yield.VMInfo{MemoryMiB: 4096, CPUCapPercent: 100})
+			a := &ahead{policy: tc.policy, since: night}
+			event := a.begin(night, s, d)
+			must.Eq(t, tc.floor, a.atFloor)
+			guest := yield.Guest{BalloonMiB: 4096, UsedMiB: 1024}
+			dec := d.Observe(owner.Sample{Time: night, Has: owner.HasCPU | owner.HasMemory, CPU: 0.01, MemAvailableMiB: 16000, MemTotalMiB: 24000}, guest)
+			if !tc.floor {
+				must.Eq(t, "", event)
+				must.Eq(t, 4096, dec.BalloonMiB, must.Sprint("a VM started at full size keeps its memory"))
+				return
+			}
+			must.StrContains(t, event, "started at its floor")
+			must.Eq(t, 1024+yp.MemoryFloorMiB, dec.BalloonMiB, must.Sprint("the guest goes to its floor at once"))
+			// It stays there until p falls below start_below, and min_floor has passed.
+			ev, _ := a.step(night.Add(time.Minute), s, d)
+			must.Eq(t, "", ev)
+			must.True(t, a.atFloor)
+		})
+	}
+}

@@ -57,13 +57,15 @@ owner {
   sources = ["proc"]
 }
 harvest {
-  shrink_above = 0.05
-  drain_above  = "0.2"
+  shrink_above      = 0.05
+  floor_start_below = "0.1"
+  drain_above       = "0.2"
 }`)
 	must.NoError(t, c.validate())
 	hp, err = c.Harvest.policy()
 	must.NoError(t, err)
 	must.Eq(t, 0.05, hp.ShrinkAbove)
+	must.Eq(t, 0.1, hp.FloorStartBelow)
 	must.Eq(t, 0.2, hp.DrainAbove)
 	must.Eq(t, harvest.DefaultForecast().Lead, hp.Lead, must.Sprint("harvest keys left out keep their defaults"))
 	p, err = c.yieldPolicy()
@@ -104,6 +106,9 @@ func TestConfig_Validate(t *testing.T) {
 		{"harvest probability", func(c *Config) { c.Harvest.ShrinkAbove = "often" }, `harvest.shrink_above must be a probability from 0 to 1, got "often"`},
 		{"harvest drain", func(c *Config) { c.Harvest.DrainAbove = "2" }, `harvest.drain_above must be a probability from 0 to 1 or "never", got "2"`},
 		{"harvest order", func(c *Config) { c.Harvest.StartBelow, c.Harvest.ShrinkAbove = "0.1", "0.05" }, `harvest.shrink_above must be at least harvest.start_below`},
+		{"harvest floor start", func(c *Config) { c.Harvest.FloorStartBelow = "sometimes" }, `harvest.floor_start_below must be a probability from 0 to 1, got "sometimes"`},
+		{"harvest floor start order", func(c *Config) { c.Harvest.StartBelow, c.Harvest.FloorStartBelow = "0.1", "0.05" }, `harvest.floor_start_below must be at least harvest.start_below (0.1) and at most 1, got 0.05`},
+		{"harvest floor start above drain", func(c *Config) { c.Harvest.FloorStartBelow, c.Harvest.DrainAbove = "0.3", "0.2" }, `harvest.floor_start_below must be at most harvest.drain_above (0.2), got 0.3`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -93,6 +93,11 @@ func (h *taskHandle) runYield(ctx context.Context, sensor *ownerSensor, p yield.
 	var fore *ahead
 	if hp != nil {
 		fore = &ahead{policy: *hp, since: time.Now()}
+		if !paused {
+			if event := fore.begin(time.Now(), sensor, d); event != "" {
+				h.events(event, nil)
+			}
+		}
 	}
 	aheadTick := time.NewTicker(aheadEvery)
 	defer aheadTick.Stop()

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/deskcloud/deskcloud/predictor/eval"
 	"github.com/deskcloud/deskcloud/predictor/trace"
 	"github.com/deskcloud/deskcloud/predictor/trace/tracetest"
 )
@@ -33,7 +34,8 @@ func BenchmarkSimulateSynthetic(b *testing.B) {
 
 // BenchmarkSimulateLibraryYear simulates every desktop of the library trace over its test
 // year, 2015-11 to 2016-11, after 12 weeks of warm-up; it is skipped when the trace is not
-// beside the repository. Reading the trace is not timed.
+// beside the repository. Reading the trace is not timed; with the fleet context, working
+// it out is.
 func BenchmarkSimulateLibraryYear(b *testing.B) {
 	dir := tracetest.LibraryLogons(b)
 	from := time.Date(2015, 11, 1, 0, 0, 0, 0, time.UTC)
@@ -45,6 +47,7 @@ func BenchmarkSimulateLibraryYear(b *testing.B) {
 	defer r.Close()
 	index := map[string]int{}
 	var desktops [][]Event
+	var groups []string
 	for {
 		rec, err := r.Next()
 		if errors.Is(err, io.EOF) {
@@ -61,6 +64,7 @@ func BenchmarkSimulateLibraryYear(b *testing.B) {
 			i = len(desktops)
 			index[rec.Node] = i
 			desktops = append(desktops, nil)
+			groups = append(groups, eval.GroupByPrefix(rec.Node))
 		}
 		desktops[i] = append(desktops[i], Event{Time: rec.Time, State: rec.State})
 	}
@@ -73,4 +77,15 @@ func BenchmarkSimulateLibraryYear(b *testing.B) {
 			}
 		})
 	}
+	b.Run("forecast-fleet-context", func(b *testing.B) {
+		for b.Loop() {
+			c, err := NewFleetContext(desktops, groups)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := Simulate(b.Context(), DefaultForecast(), desktops, Options{From: from, To: to, Context: c}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

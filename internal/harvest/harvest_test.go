@@ -62,14 +62,18 @@ type namedPolicy struct {
 }
 
 // policies returns the policies the invariants are checked on: HTCondor's, the forecast
-// policy without its floor layer (shrinking where it drains), with it and drains, and the
-// default (floor, no drains).
+// policy without its floor layer (shrinking where it drains), with it and drains, the
+// default (floor, starts at the floor, no drains), and the default of before starts at the
+// floor with them, up to twice the default's threshold.
 func policies() []namedPolicy {
+	floorStart := NewForecast(10*time.Minute, 0.01, 0.0175, math.Inf(1))
+	floorStart.FloorStartBelow = 0.1
 	return []namedPolicy{
 		{"condor", NewCondor()},
 		{"forecast-no-floor", NewForecast(10*time.Minute, 0.02, 0.06, 0.06)},
 		{"forecast-floor-drain", NewForecast(10*time.Minute, 0.02, 0.04, 0.08)},
 		{"forecast-default", DefaultForecast()},
+		{"forecast-floor-start", floorStart},
 	}
 }
 
@@ -103,6 +107,47 @@ func TestHarvestNeverExceedsIdleTime(t *testing.T) {
 	}
 }
 
+// TestFloorStartOffUnchanged pins the forecast policy with starts at the floor off
+// (FloorStartBelow equal to StartBelow) and no fleet context to what the simulator reported
+// before either existed (this fleet, the default thresholds of then, measured at the commit
+// before them): with the new threshold equal to the start threshold, nothing may change.
+func TestFloorStartOffUnchanged(t *testing.T) {
+	desktops := fleet(8, 10)
+	p := NewForecast(10*time.Minute, 0.01, 0.0175, math.Inf(1))
+	p.FloorStartBelow = p.StartBelow
+	base := Report{
+		Policy: "forecast", Desktops: 8, DesktopHours: 7724.019536651991, AwayHours: 5882.102033014941,
+		HarvestableHours: 5262.102033014662, MachineHours: 4749.833369077318, Arrivals: 588, ArrivalsVacant: 252,
+		Starts: 451, Suspends: 336, Grows: 165, Preemptions: 324, PowerOffs: 124,
+	}
+	tests := []struct {
+		opt  Options
+		edit func(r *Report)
+	}{
+		{Options{}, func(r *Report) {
+			r.FullHours, r.FloorHours, r.FloorWork, r.HarvestedHours = 4190.195933188301, 559.6374358887759, 1, 4749.833369077318
+			r.Collisions, r.ArrivalsAtFloor, r.Shrinks = 53, 283, 443
+			r.LostHours, r.LostHoursNoCheckpoint = 91.33336907739388, 191.8333690773939
+		}},
+		{Options{FloorLoss: 0.7, ShrinkTime: 3 * time.Minute}, func(r *Report) {
+			r.FullHours, r.FloorHours, r.FloorWork, r.HarvestedHours = 4190.2031082772955, 559.6302607997815, 0.30000000000000004, 4358.0921865172295
+			r.Collisions, r.ArrivalsAtFloor, r.Shrinks = 57, 279, 444
+			r.LostHours, r.LostHoursNoCheckpoint = 43.90549728855084, 148.09218651751274
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(fmt.Sprintf("floor-loss-%v", tc.opt.FloorLoss), func(t *testing.T) {
+			opt := tc.opt
+			opt.From = day0.AddDate(0, 0, 28)
+			r, err := Simulate(t.Context(), p, desktops, opt)
+			must.NoError(t, err)
+			want := base
+			tc.edit(&want)
+			must.Eq(t, want, r)
+		})
+	}
+}
+
 func TestEveryArrivalCountedOnce(t *testing.T) {
 	desktops := fleet(5, 5)
 	from := day0.AddDate(0, 0, 10)
@@ -124,13 +169,25 @@ func TestEveryArrivalCountedOnce(t *testing.T) {
 			stops := r.Drains + r.Preemptions + r.PowerOffs
 			must.LessEq(t, r.Starts, stops, must.Sprint("every stop is of a started VM"))
 			must.LessEq(t, stops+int64(r.Desktops), r.Starts, must.Sprint("every VM but the last of a desktop stops"))
-			must.LessEq(t, r.Shrinks, r.Grows, must.Sprint("every grow is of a VM shrunk"))
+			must.LessEq(t, r.Shrinks+r.FloorStarts, r.Grows, must.Sprint("every grow is of a VM shrunk or started at its floor"))
+			must.LessEq(t, r.Starts, r.FloorStarts, must.Sprint("starts at the floor are starts"))
 			switch np.name {
 			case "condor", "forecast-no-floor":
-				must.Zero(t, r.ArrivalsAtFloor+r.Shrinks+r.Grows, must.Sprintf("no floor layer: %+v", r))
+				must.Zero(t, r.ArrivalsAtFloor+r.Shrinks+r.Grows+r.FloorStarts, must.Sprintf("no floor layer: %+v", r))
+			case "forecast-default":
+				// It starts and grows VMs to full size only below 0.005, which the untrained
+				// pool never forecasts for these owners: its VMs start at their floor and
+				// stay there.
+				must.Positive(t, r.ArrivalsAtFloor, must.Sprint("some owners find a VM at its floor"))
+				must.Eq(t, r.Starts, r.FloorStarts, must.Sprint("every VM starts at its floor"))
 			default:
 				must.Positive(t, r.ArrivalsAtFloor, must.Sprint("some owners find a VM at its floor"))
 				must.Positive(t, r.Grows, must.Sprint("some VMs grow back"))
+			}
+			if f, ok := np.p.(Forecast); ok && f.FloorStartBelow > f.StartBelow {
+				must.Positive(t, r.FloorStarts, must.Sprint("some VMs start at their floor"))
+			} else {
+				must.Zero(t, r.FloorStarts, must.Sprint("no VM starts at its floor"))
 			}
 		})
 	}
@@ -177,11 +234,12 @@ func TestNoFloorLayerUnchanged(t *testing.T) {
 	}
 }
 
-// scripted is a policy for timelines: it starts a VM whenever the desktop is harvestable
-// before stopStarts, shrinks it at shrinkAt, grows it at growAt, and otherwise acts as
-// HTCondor does on an owner.
+// scripted is a policy for timelines: it starts a VM (at its floor if atFloor) whenever
+// the desktop is harvestable before stopStarts, shrinks it at shrinkAt, grows it at growAt,
+// and otherwise acts as HTCondor does on an owner.
 type scripted struct {
 	shrinkAt, growAt, stopStarts time.Time
+	atFloor                      bool
 }
 
 func (scripted) Name() string        { return "scripted" }
@@ -190,6 +248,9 @@ func (scripted) NeedsForecast() bool { return false }
 func (p scripted) Decide(s Situation) Action {
 	switch {
 	case s.Phase == Vacant && s.Harvestable && s.Now.Before(p.stopStarts):
+		if p.atFloor {
+			return StartAtFloor
+		}
 		return Start
 	case (s.Phase == Running || s.Phase == AtFloor) && s.OwnerPresent:
 		return Suspend
@@ -245,6 +306,49 @@ func TestFloorTimeline(t *testing.T) {
 	// work done (121 + 109.5/2), 55.75 of them into the third job.
 	must.InDelta(t, 20.5/60, r.LostHours, 1e-9)
 	must.InDelta(t, 55.75/60, r.LostHoursNoCheckpoint, 1e-9)
+}
+
+func TestFloorStartTimeline(t *testing.T) {
+	at := func(h, m, s int) time.Time {
+		return day0.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute + time.Duration(s)*time.Second)
+	}
+	p := scripted{atFloor: true, shrinkAt: at(23, 0, 0), growAt: at(11, 0, 0), stopStarts: at(12, 30, 0)}
+	evs := []Event{
+		{at(8, 0, 0), predictor.InUse},
+		{at(9, 0, 0), predictor.Available},   // starts at its floor, which it reaches at 09:01
+		{at(9, 30, 0), predictor.InUse},      // at its floor: not a collision; suspended there
+		{at(9, 35, 0), predictor.Available},  // resumes at its floor; grows at 11:00
+		{at(12, 0, 0), predictor.InUse},      // full size: a collision; evicted at 12:10
+		{at(12, 20, 0), predictor.Available}, // starts at its floor again, reached at 12:21
+		{at(12, 20, 30), predictor.InUse},    // not there yet: a collision; evicted at 12:31
+		{at(13, 0, 0), predictor.Available},  // no more starts
+		{at(13, 30, 0), predictor.InUse},     // the desktop is vacant
+	}
+	r, err := Simulate(t.Context(), p, [][]Event{evs}, Options{FloorLoss: 0.5})
+	must.NoError(t, err)
+	must.Eq(t, int64(4), r.Arrivals)
+	must.Eq(t, int64(2), r.Collisions)
+	must.Eq(t, int64(1), r.ArrivalsAtFloor)
+	must.Eq(t, int64(1), r.ArrivalsVacant)
+	must.Eq(t, int64(2), r.Starts)
+	must.Eq(t, int64(2), r.FloorStarts)
+	must.Eq(t, int64(0), r.Shrinks, must.Sprint("a start at the floor is not a shrink"))
+	must.Eq(t, int64(1), r.Grows)
+	must.Eq(t, int64(3), r.Suspends)
+	must.Eq(t, int64(2), r.Preemptions)
+	// At the floor 09:00-09:30, 09:35-11:00 and 12:20-12:20:30: 115.5 minutes, credited
+	// half; full size 11:00-12:00.
+	full, floor := 1.0, 115.5/60
+	must.InDelta(t, full, r.FullHours, 1e-9)
+	must.InDelta(t, floor, r.FloorHours, 1e-9)
+	must.InDelta(t, full+floor, r.MachineHours, 1e-9)
+	must.InDelta(t, full+0.5*floor, r.HarvestedHours, 1e-9)
+	// The first VM checkpoints after every 30 minutes of running, the last at 11:35, so
+	// its eviction loses the 25 minutes at full size since; without checkpoints it loses
+	// 57.5 of its 117.5 minutes of work (57.5 at the floor's half rate, then 60). The
+	// second loses the 15 s of work it did in its 30 s at the floor, either way.
+	must.InDelta(t, (25+0.25)/60, r.LostHours, 1e-9)
+	must.InDelta(t, (57.5+0.25)/60, r.LostHoursNoCheckpoint, 1e-9)
 }
 
 func TestFloorLostWorkAtFloorRate(t *testing.T) {
@@ -342,6 +446,8 @@ func TestForecastDecide(t *testing.T) {
 	layered := NewForecast(10*time.Minute, 0.05, 0.1, 0.3)
 	noDrain := NewForecast(10*time.Minute, 0.05, 0.1, math.Inf(1))
 	noFloor := NewForecast(10*time.Minute, 0.05, 0.1, 0.1)
+	floorStart := NewForecast(10*time.Minute, 0.05, 0.1, 0.3)
+	floorStart.FloorStartBelow = 0.2
 	now := day0.Add(12 * time.Hour)
 	longAgo, justNow := now.Add(-time.Hour), now.Add(-5*time.Minute)
 	tests := []struct {
@@ -381,6 +487,17 @@ func TestForecastDecide(t *testing.T) {
 		{"drains off: at floor, no forecast", noDrain, Situation{Now: now, Phase: AtFloor, PhaseSince: justNow, Harvestable: true}, Hold},
 		{"floor off: running, owner likely back", noFloor, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: likely}, Drain},
 		{"floor off: running, between start and drain", noFloor, Situation{Now: now, Phase: Running, Harvestable: true, Forecast: middling}, Hold},
+
+		{"floor start: quiet", floorStart, Situation{Now: now, Harvestable: true, OwnerIdle: time.Hour, Forecast: quiet}, Start},
+		{"floor start: between start and shrink", floorStart, Situation{Now: now, Harvestable: true, OwnerIdle: time.Hour, Forecast: middling}, StartAtFloor},
+		{"floor start: above shrink, below floor start", floorStart, Situation{Now: now, Harvestable: true, OwnerIdle: time.Hour, Forecast: likely}, StartAtFloor},
+		{"floor start: owner very likely back", floorStart, Situation{Now: now, Harvestable: true, OwnerIdle: time.Hour, Forecast: very}, Hold},
+		{"floor start: owner just left", floorStart, Situation{Now: now, Harvestable: true, OwnerIdle: 30 * time.Second, Forecast: middling}, Hold},
+		{"floor start: off", floorStart, Situation{Now: now, OwnerIdle: time.Hour, Forecast: middling}, Hold},
+		{"floor start: started at its floor, still middling", floorStart, Situation{Now: now, Phase: AtFloor, PhaseSince: longAgo, Harvestable: true, Forecast: middling}, Hold},
+		{"floor start: started at its floor, quiet but only just", floorStart, Situation{Now: now, Phase: AtFloor, PhaseSince: justNow, Harvestable: true, Forecast: quiet}, Hold},
+		{"floor start: started at its floor, quiet", floorStart, Situation{Now: now, Phase: AtFloor, PhaseSince: longAgo, Harvestable: true, Forecast: quiet}, Grow},
+		{"floor start off: between start and shrink", layered, Situation{Now: now, Harvestable: true, OwnerIdle: time.Hour, Forecast: middling}, Hold},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -403,9 +520,16 @@ func TestForecastValidate(t *testing.T) {
 		{"no lead", func(f *Forecast) { f.Lead = 0 }, nil, []string{"lead must be positive, got 0s"}},
 		{"start at 0", func(f *Forecast) { f.StartBelow = 0 }, nil, []string{"start_below must be above 0 and at most 1, got 0"}},
 		{"start above 1", func(f *Forecast) { f.StartBelow, f.ShrinkAbove = 1.5, 2 }, flag, []string{"--start-below must be above 0 and at most 1, got 1.5"}},
-		{"shrink below start", func(f *Forecast) { f.ShrinkAbove = 0.005 }, flag, []string{"--shrink-above must be at least --start-below (0.01), got 0.005"}},
-		{"drain below shrink", func(f *Forecast) { f.DrainAbove = 0.015 }, flag, []string{"--drain-above must be at least --shrink-above (0.0175), got 0.015"}},
-		{"NaN", func(f *Forecast) { f.ShrinkAbove = math.NaN() }, nil, []string{"shrink_above must be at least start_below (0.01), got NaN", "drain_above must be at least shrink_above (NaN)"}},
+		{"shrink below start", func(f *Forecast) { f.ShrinkAbove = 0.004 }, flag, []string{"--shrink-above must be at least --start-below (0.005), got 0.004"}},
+		{"drain below shrink", func(f *Forecast) { f.DrainAbove, f.FloorStartBelow = 0.015, 0.01 }, flag, []string{"--drain-above must be at least --shrink-above (0.0175), got 0.015"}},
+		{"floor start off", func(f *Forecast) { f.FloorStartBelow = f.StartBelow }, nil, nil},
+		{"floor start above shrink", func(f *Forecast) { f.FloorStartBelow = 0.5 }, nil, nil},
+		{"floor start always", func(f *Forecast) { f.FloorStartBelow = 1 }, nil, nil},
+		{"floor start below start", func(f *Forecast) { f.FloorStartBelow = 0.004 }, nil, []string{"floor_start_below must be at least start_below (0.005) and at most 1, got 0.004"}},
+		{"floor start above 1", func(f *Forecast) { f.FloorStartBelow = 1.5 }, flag, []string{"--floor-start-below must be at least --start-below (0.005) and at most 1, got 1.5"}},
+		{"floor start NaN", func(f *Forecast) { f.FloorStartBelow = math.NaN() }, nil, []string{"floor_start_below must be at least start_below (0.005) and at most 1, got NaN"}},
+		{"floor start above drain", func(f *Forecast) { f.FloorStartBelow, f.DrainAbove = 0.2, 0.1 }, flag, []string{"--floor-start-below must be at most --drain-above (0.1), got 0.2"}},
+		{"NaN", func(f *Forecast) { f.ShrinkAbove = math.NaN() }, nil, []string{"shrink_above must be at least start_below (0.005), got NaN", "drain_above must be at least shrink_above (NaN)"}},
 		{"negative durations", func(f *Forecast) { f.MinIdle, f.MinFloor = -time.Second, -time.Minute }, flag, []string{"--min-idle must not be negative, got -1s", "--min-floor must not be negative, got -1m0s"}},
 	}
 	for _, tc := range tests {
@@ -429,6 +553,7 @@ func TestNames(t *testing.T) {
 	must.Eq(t, "phase(?)", Phase(99).String())
 	must.Eq(t, "shrink", Shrink.String())
 	must.Eq(t, "grow", Grow.String())
+	must.Eq(t, "start-at-floor", StartAtFloor.String())
 	must.Eq(t, "action(?)", Action(99).String())
 	must.True(t, AtFloor.Holds())
 	must.False(t, Vacant.Holds())

@@ -53,6 +53,11 @@ type Options struct {
 	// Frozen stops the desktops' models from learning; by default they learn from their
 	// own desktop as they go, as they would on their nodes.
 	Frozen bool
+	// Context, when set, tells each desktop's model the fleet context at every sampling
+	// tick, as the forecast evaluation's default mode does; it must be made from the same
+	// desktops, in the same order, and Pool must have been built with a fleet context. Nil
+	// gives the models their own desktop's history only, as the driver's do.
+	Context *FleetContext
 	// Workers bounds the goroutines simulating desktops (default GOMAXPROCS). Reports do
 	// not depend on it.
 	Workers int
@@ -96,9 +101,10 @@ type Report struct {
 	AwayHours        float64 `json:"away_hours"`
 	HarvestableHours float64 `json:"harvestable_hours"`
 	// MachineHours is the time VMs ran, FullHours at full size plus FloorHours at their
-	// floor (from the moment they were asked to shrink). HarvestedHours is the work done,
-	// in hours of a VM at full size: FullHours plus FloorWork (1-Options.FloorLoss) times
-	// FloorHours. For a policy without a floor layer the three harvest figures are equal.
+	// floor (from the moment they were asked to shrink, or started there). HarvestedHours
+	// is the work done, in hours of a VM at full size: FullHours plus FloorWork
+	// (1-Options.FloorLoss) times FloorHours. For a policy without a floor layer the three
+	// harvest figures are equal.
 	MachineHours   float64 `json:"machine_hours"`
 	FullHours      float64 `json:"full_hours"`
 	FloorHours     float64 `json:"floor_hours"`
@@ -114,8 +120,10 @@ type Report struct {
 	ArrivalsAtFloor int64 `json:"arrivals_at_floor"`
 	ArrivalsVacant  int64 `json:"arrivals_vacant"`
 	Starts          int64 `json:"starts"`
-	Suspends        int64 `json:"suspends"`
-	Drains          int64 `json:"drains"`
+	// FloorStarts counts the Starts that placed a VM at its floor.
+	FloorStarts int64 `json:"floor_starts"`
+	Suspends    int64 `json:"suspends"`
+	Drains      int64 `json:"drains"`
 	// Shrinks counts VMs taken to their floor, Grows VMs given their memory back.
 	Shrinks int64 `json:"shrinks"`
 	Grows   int64 `json:"grows"`
@@ -163,6 +171,7 @@ func (r *Report) add(o Report) {
 	r.ArrivalsAtFloor += o.ArrivalsAtFloor
 	r.ArrivalsVacant += o.ArrivalsVacant
 	r.Starts += o.Starts
+	r.FloorStarts += o.FloorStarts
 	r.Suspends += o.Suspends
 	r.Drains += o.Drains
 	r.Shrinks += o.Shrinks
@@ -180,6 +189,9 @@ func Simulate(ctx context.Context, p Policy, desktops [][]Event, opt Options) (R
 	if !(opt.FloorLoss >= 0 && opt.FloorLoss <= 1) {
 		return Report{}, fmt.Errorf("floor loss must be between 0 and 1, got %v", opt.FloorLoss)
 	}
+	if opt.Context != nil && len(opt.Context.group) != len(desktops) {
+		return Report{}, fmt.Errorf("fleet context made for %d desktops, given %d", len(opt.Context.group), len(desktops))
+	}
 	opt = opt.withDefaults()
 	reports := make([]Report, len(desktops))
 	errs := make([]error, opt.Workers)
@@ -196,7 +208,7 @@ func Simulate(ctx context.Context, p Policy, desktops [][]Event, opt Options) (R
 				if i >= len(desktops) || ctx.Err() != nil {
 					return
 				}
-				r, err := simulateDesktop(p, desktops[i], opt)
+				r, err := simulateDesktop(p, i, desktops[i], opt)
 				if err != nil {
 					errs[w] = fmt.Errorf("desktop %d: %w", i, err)
 					return
@@ -220,6 +232,7 @@ func Simulate(ctx context.Context, p Policy, desktops [][]Event, opt Options) (R
 type desktopSim struct {
 	p     Policy
 	opt   Options
+	index int // the desktop's index among those simulated, for its fleet context
 	model *predictor.Model
 	rep   Report
 
@@ -242,8 +255,8 @@ type desktopSim struct {
 	forecastAt time.Time // when forecast was made; zero for none
 }
 
-func simulateDesktop(p Policy, evs []Event, opt Options) (Report, error) {
-	d := &desktopSim{p: p, opt: opt, rep: Report{Policy: p.Name(), Desktops: 1, FloorWork: 1 - opt.FloorLoss}}
+func simulateDesktop(p Policy, index int, evs []Event, opt Options) (Report, error) {
+	d := &desktopSim{p: p, opt: opt, index: index, rep: Report{Policy: p.Name(), Desktops: 1, FloorWork: 1 - opt.FloorLoss}}
 	if p.NeedsForecast() {
 		learn := predictor.LearnDesktop
 		if opt.Frozen {
@@ -276,6 +289,9 @@ func (d *desktopSim) inPeriod(t time.Time) bool {
 func (d *desktopSim) run(t time.Time) error {
 	for at := d.nextTick(d.clock); at.Before(t); at = d.nextTick(at) {
 		d.account(at)
+		if err := d.contextTick(at); err != nil {
+			return err
+		}
 		if err := d.tickDecide(at); err != nil {
 			return err
 		}
@@ -286,18 +302,43 @@ func (d *desktopSim) run(t time.Time) error {
 
 // nextTick is the next time after the given one that anything can change: the next Tick,
 // or for a policy that decides by forecast on a vacant or running desktop, the next
-// multiple of ForecastEvery (or the end of a drain, if sooner).
+// multiple of ForecastEvery (or the end of a drain, if sooner); with a fleet context, also
+// the models' next sampling tick.
 func (d *desktopSim) nextTick(after time.Time) time.Time {
-	if d.model == nil || d.phase == Suspended {
+	if d.model == nil {
 		return after.Truncate(d.opt.Tick).Add(d.opt.Tick)
 	}
-	next := after.Truncate(d.opt.ForecastEvery).Add(d.opt.ForecastEvery)
+	var next time.Time
+	if d.phase == Suspended {
+		next = after.Truncate(d.opt.Tick).Add(d.opt.Tick)
+	} else {
+		next = after.Truncate(d.opt.ForecastEvery).Add(d.opt.ForecastEvery)
+	}
 	if d.phase == Draining {
 		if end := d.phaseSince.Add(d.opt.DrainTime); end.After(after) && end.Before(next) {
 			next = end
 		}
 	}
+	if d.opt.Context != nil {
+		if s := after.Truncate(predictor.SampleEvery).Add(predictor.SampleEvery); s.Before(next) {
+			next = s
+		}
+	}
 	return next
+}
+
+// contextTick tells the model the fleet context of time at, and when at is one of its
+// sampling ticks and the desktop is harvestable, takes the model there, so that it takes
+// its learning sample with the context of that tick, as in the forecast evaluation.
+func (d *desktopSim) contextTick(at time.Time) error {
+	if d.opt.Context == nil || d.model == nil {
+		return nil
+	}
+	d.model.SetContext(d.opt.Context.at(d.index, at))
+	if !d.state.Harvestable() || !at.Truncate(predictor.SampleEvery).Equal(at) {
+		return nil
+	}
+	return d.model.Advance(at)
 }
 
 // account moves the clock to t, counting what happened in between.
@@ -374,9 +415,12 @@ func (d *desktopSim) event(e Event) error {
 	prev := d.state
 	if !d.seen {
 		d.seen, d.state, d.clock, d.firstSeen = true, e.State, e.Time, e.Time
-		return nil
+		return d.contextTick(e.Time)
 	}
 	d.state = e.State
+	if err := d.contextTick(e.Time); err != nil {
+		return err
+	}
 	in := d.inPeriod(e.Time)
 	switch {
 	case e.State == predictor.InUse && prev.OwnerAway():
@@ -443,6 +487,12 @@ func (d *desktopSim) decideAt(at time.Time, due bool) error {
 			d.setPhase(Running, at)
 			d.rep.Starts++
 		}
+	case StartAtFloor:
+		if d.phase == Vacant && s.Harvestable {
+			d.setPhase(AtFloor, at)
+			d.rep.Starts++
+			d.rep.FloorStarts++
+		}
 	case Suspend:
 		if d.phase == Running || d.phase == AtFloor {
 			d.setPhase(Suspended, at)
@@ -497,11 +547,13 @@ func (d *desktopSim) refreshForecast(at time.Time) error {
 }
 
 // setPhase moves the VM to phase p. A VM reaches its floor ShrinkTime after it is first
-// taken there, and stays there while suspended there. A paused guest cannot inflate its
-// balloon, so a VM suspended before it reached its floor stays above it, and resumes at
-// full size. A drain holds the desktop above the floor.
+// taken there, and stays there while suspended there. A VM started at its floor is taken
+// to reach it ShrinkTime after it starts too, the cautious side: one resumed from its
+// checkpoint gets its memory image back in full before its balloon can inflate. A paused
+// guest cannot inflate its balloon, so a VM suspended before it reached its floor stays
+// above it, and resumes at full size. A drain holds the desktop above the floor.
 func (d *desktopSim) setPhase(p Phase, at time.Time) {
-	if p == Running && d.phase == Vacant {
+	if d.phase == Vacant {
 		d.work, d.sinceCkpt, d.ckptWork = 0, 0, 0
 	}
 	switch p {
