@@ -201,6 +201,38 @@ func Start(o Options) (*Agent, error) {
 	return attach(o, cmd.Process.Pid)
 }
 
+// StartScratch starts an agent for a measurement: in temporary dirs (o.Dir and o.StateDir
+// are made under /tmp), stopped with its caller, ready when it returns. stop stops the agent
+// and removes the dirs.
+func StartScratch(ctx context.Context, o Options) (a *Agent, stop func(), err error) {
+	dir, err := os.MkdirTemp("", o.Name+"-")
+	if err != nil {
+		return nil, nil, err
+	}
+	// deskvm's sockets live under StateDir: a unix socket path has 108 bytes at most.
+	state, err := os.MkdirTemp("/tmp", "dvm")
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, nil, err
+	}
+	cleanup := func() { os.RemoveAll(state); os.RemoveAll(dir) }
+	o.Dir, o.StateDir, o.StopWithParent = dir, state, true
+	if o, err = Defaults(o); err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	if a, err = Start(o); err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	stop = func() { _ = a.Stop(30 * time.Second); cleanup() }
+	if err := a.WaitReady(ctx); err != nil {
+		stop()
+		return nil, nil, err
+	}
+	return a, stop, nil
+}
+
 // Attach returns the agent recorded in o.Dir if it still runs.
 func Attach(o Options) (*Agent, error) {
 	b, err := os.ReadFile(o.PIDPath())

@@ -64,18 +64,11 @@ func run(runs int) error {
 		kernel = filepath.Join(kit, "vmlinuz")
 	}
 
-	dir, err := os.MkdirTemp("", "deskcloud-bench-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	state, err := os.MkdirTemp("/tmp", "dvm-bench")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(state)
-	o, err := cluster.Defaults(cluster.Options{
-		Name: "deskcloud-bench", Dir: dir, StateDir: state, LogLevel: "INFO", StopWithParent: true,
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	fmt.Fprintln(os.Stderr, "==> starting a Nomad agent with deskvm")
+	a, stopAgent, err := cluster.StartScratch(ctx, cluster.Options{
+		Name: "deskcloud-bench", LogLevel: "INFO",
 		// Cold start is measured without yield: the idle CPU class would measure this
 		// machine's other load instead.
 		DeskvmConfig: "    yield {\n      enabled = false\n    }\n    owner {\n      sources        = []\n      forecast_state = \"\"\n    }",
@@ -83,17 +76,8 @@ func run(runs int) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintln(os.Stderr, "==> starting a Nomad agent with deskvm")
-	a, err := cluster.Start(o)
-	if err != nil {
-		return err
-	}
-	defer a.Stop(30 * time.Second)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	if err := a.WaitReady(ctx); err != nil {
-		return err
-	}
+	defer stopAgent()
+	state := a.Options().StateDir
 	if err := waitDriver(ctx, a, "qemu"); err != nil {
 		return err
 	}

@@ -87,11 +87,6 @@ func run(runs int) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	state, err := os.MkdirTemp("/tmp", "dvm-slow")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(state)
 	// The qemu driver's and plain QEMU's guests run the same loops from a cloud-init seed
 	// (the guest kit's image mode), since neither has a way to hand a guest a command.
 	seed := filepath.Join(dir, "seed.iso")
@@ -104,8 +99,11 @@ func run(runs int) error {
 	}
 	defer os.Remove(owner)
 
-	o, err := cluster.Defaults(cluster.Options{
-		Name: "deskcloud-slowdown", Dir: dir, StateDir: state, LogLevel: "INFO", StopWithParent: true,
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	fmt.Fprintln(os.Stderr, "==> starting a Nomad agent with deskvm and the qemu driver")
+	a, stopAgent, err := cluster.StartScratch(ctx, cluster.Options{
+		Name: "deskcloud-slowdown", LogLevel: "INFO",
 		// deskvm's CPU layer alone: with sensing on, the owner's load would cap and then
 		// pause the VM, and the owner would lose nothing at all.
 		DeskvmConfig: "    owner {\n      sources        = []\n      forecast_state = \"\"\n    }",
@@ -113,17 +111,7 @@ func run(runs int) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintln(os.Stderr, "==> starting a Nomad agent with deskvm and the qemu driver")
-	a, err := cluster.Start(o)
-	if err != nil {
-		return err
-	}
-	defer a.Stop(30 * time.Second)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	if err := a.WaitReady(ctx); err != nil {
-		return err
-	}
+	defer stopAgent()
 
 	n := calibrate()
 	times := map[string][]time.Duration{}
