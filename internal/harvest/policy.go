@@ -267,8 +267,8 @@ func (Forecast) NeedsForecast() bool { return true }
 
 // Validate checks the lead, the thresholds and the durations. Each error names its field
 // by key(k), k being the field's snake_case key (lead, start_below, shrink_above,
-// floor_start_below, drain_above, min_idle, min_floor), so that a caller can name its own flag or attribute;
-// a nil key uses k itself. Several errors are joined.
+// floor_start_below, drain_above, min_idle, min_floor), so that a caller can name its own
+// flag or attribute; a nil key uses k itself. Several errors are joined.
 func (f Forecast) Validate(key func(k string) string) error {
 	if key == nil {
 		key = func(k string) string { return k }
