@@ -196,19 +196,11 @@ func BenchmarkOwnerMemory(b *testing.B) {
 		}
 		return end()
 	}
-	giveBack := func() {
-		must.NoError(b, m.SetBalloon(ctx, ownerVMMiB))
-		waitFor(b, ctx, 2*time.Minute, "the balloon to give the memory back", func() bool {
-			a, err := m.Balloon(ctx)
-			return err == nil && a == ownerVMMiB
-		})
-	}
-
 	var on, off []result
 	for range trials {
 		off = append(off, trial(false))
 		on = append(on, trial(true))
-		giveBack()
+		deflate(b, ctx, m, ownerVMMiB)
 	}
 
 	tw := newTable("owner memory: the owner's program asks for %d MiB at %d MiB/s on a desktop with %d MiB to spare, beside a %d MiB guest; memory sampled every %s (host load %s)",

@@ -68,16 +68,12 @@ func BenchmarkFreePageReporting(b *testing.B) {
 	for range trials {
 		watchUnasked(b, ctx, vms, giveMiB, unaskedLimit)
 		for _, v := range vms {
-			took, peak := balloonTo(b, ctx, v.m, target, time.Minute)
+			took, _, peak := balloonTo(b, ctx, v.m, target, time.Minute)
 			must.Positive(b, took, must.Sprintf("guest %s did not hand back %d MiB within a minute", v.name, giveMiB))
 			v.handBack = append(v.handBack, took)
 			v.inflateRSS = append(v.inflateRSS, int64(peak))
 			v.balloonRSS = append(v.balloonRSS, int64(rssMiB(v.m.PID())))
-			must.NoError(b, v.m.SetBalloon(ctx, memMiB))
-			waitFor(b, ctx, 2*time.Minute, "the balloon to give the memory back", func() bool {
-				a, err := v.m.Balloon(ctx)
-				return err == nil && a == memMiB
-			})
+			deflate(b, ctx, v.m, memMiB)
 		}
 	}
 
@@ -170,34 +166,6 @@ func watchUnasked(b *testing.B, ctx context.Context, vms []*reportingVM, giveMiB
 			v.unasked = append(v.unasked, d)
 			v.peakRSS = append(v.peakRSS, int64(peak[v]))
 			v.idleRSS = append(v.idleRSS, int64(rss))
-		}
-	}
-}
-
-// balloonTo sets the balloon's target and waits until the guest is there or limit passes;
-// it returns how long that took (-1 if it did not get there) and QEMU's highest RSS on the
-// way.
-func balloonTo(b *testing.B, ctx context.Context, m *Machine, target int, limit time.Duration) (time.Duration, int) {
-	b.Helper()
-	start := time.Now()
-	must.NoError(b, m.SetBalloon(ctx, target))
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	peak := 0
-	for {
-		peak = max(peak, rssMiB(m.PID()))
-		a, err := m.Balloon(ctx)
-		must.NoError(b, err)
-		if a <= target {
-			return time.Since(start), peak
-		}
-		if time.Since(start) > limit {
-			return -1, peak
-		}
-		select {
-		case <-ctx.Done():
-			must.NoError(b, ctx.Err())
-		case <-tick.C:
 		}
 	}
 }

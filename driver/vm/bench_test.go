@@ -539,46 +539,19 @@ func BenchmarkBalloon(b *testing.B) {
 	startCommand(b, ctx, m, "dd if=/dev/zero of=/tmp/a bs=1M count=600 2>/dev/null; dd if=/dev/zero of=/dev/shm/b bs=1M count=600 2>/dev/null; rm /tmp/a /dev/shm/b; echo touched; while :; do sleep 1; done")
 	waitFor(b, ctx, 3*time.Minute, "the guest to touch its memory", func() bool { return lines(spec.Stdout) > 0 })
 
-	// handBack sets the target and waits until the guest is there or limit passes; it
-	// returns how long that took (-1 if it did not get there) and where the guest got.
-	handBack := func(limit time.Duration) (time.Duration, int) {
-		start := time.Now()
-		must.NoError(b, m.SetBalloon(ctx, target))
-		tick := time.NewTicker(10 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			a, err := m.Balloon(ctx)
-			must.NoError(b, err)
-			if a <= target {
-				return time.Since(start), a
-			}
-			if time.Since(start) > limit {
-				return -1, a
-			}
-			<-tick.C
-		}
-	}
-	giveBack := func() {
-		must.NoError(b, m.SetBalloon(ctx, memMiB))
-		waitFor(b, ctx, 2*time.Minute, "the balloon to give the memory back", func() bool {
-			a, err := m.Balloon(ctx)
-			return err == nil && a == memMiB
-		})
-	}
-
 	var took []time.Duration
 	rss0 := rssMiB(m.PID())
 	var rss1 int
 	for range trials {
-		d, _ := handBack(time.Minute)
+		d, _, _ := balloonTo(b, ctx, m, target, time.Minute)
 		must.Positive(b, d, must.Sprint("the guest did not hand back 1 GiB within a minute"))
 		took = append(took, d)
 		rss1 = rssMiB(m.PID())
-		giveBack()
+		deflate(b, ctx, m, memMiB)
 	}
 	must.NoError(b, SetIdleClass(m.PID()))
 	must.NoError(b, SetCgroupIdle(cgroups[0]))
-	idleTook, idleAt := handBack(idleLimit)
+	idleTook, idleAt, _ := balloonTo(b, ctx, m, target, idleLimit)
 	must.NoError(b, ClearCgroupIdle(cgroups[0]))
 	must.NoError(b, SetNormalClass(m.PID()))
 
@@ -592,6 +565,43 @@ func BenchmarkBalloon(b *testing.B) {
 	fmt.Fprintf(tw, "deskvm idle\t1\t%s\t\t\t\t\t\n", idleRes)
 	tw.Flush()
 	b.ReportMetric(median(took).Seconds(), "handback-1GiB-s")
+}
+
+// balloonTo sets the balloon's target and waits until the guest is there or limit passes; it
+// returns how long that took (-1 if it did not get there), where the guest got, and QEMU's
+// highest RSS on the way.
+func balloonTo(b *testing.B, ctx context.Context, m *Machine, target int, limit time.Duration) (took time.Duration, actual, peakRSS int) {
+	b.Helper()
+	start := time.Now()
+	must.NoError(b, m.SetBalloon(ctx, target))
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		peakRSS = max(peakRSS, rssMiB(m.PID()))
+		a, err := m.Balloon(ctx)
+		must.NoError(b, err)
+		if a <= target {
+			return time.Since(start), a, peakRSS
+		}
+		if time.Since(start) > limit {
+			return -1, a, peakRSS
+		}
+		select {
+		case <-ctx.Done():
+			must.NoError(b, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// deflate gives the guest all of its memMiB back and waits until it has it.
+func deflate(b *testing.B, ctx context.Context, m *Machine, memMiB int) {
+	b.Helper()
+	must.NoError(b, m.SetBalloon(ctx, memMiB))
+	waitFor(b, ctx, 2*time.Minute, "the balloon to give the memory back", func() bool {
+		a, err := m.Balloon(ctx)
+		return err == nil && a == memMiB
+	})
 }
 
 // rssMiB is the resident memory of pid.
