@@ -116,6 +116,9 @@ type Situation struct {
 	OwnerIdle time.Duration
 	// Forecast is the owner-return forecast at Now, for policies that ask for one.
 	Forecast predictor.Forecast
+	// ArrivalDensity is the fleet's arrivals per harvestable desktop-hour over the past year
+	// ([FleetDensity]); zero when not known.
+	ArrivalDensity float64
 }
 
 // Policy decides, for one desktop at a time, what deskcloud should do. Decide must be a pure
@@ -231,6 +234,12 @@ type Forecast struct {
 	// MinFloor is how long a VM stays at its floor before it may grow back: every shrink
 	// costs the guest its page cache, and the balloon seconds of work.
 	MinFloor time.Duration
+	// ArrivalDensity, when above zero, is the fleet's arrival density (arrivals per
+	// harvestable desktop-hour) at which StartBelow and ShrinkAbove hold as given; where
+	// the situation tells the fleet's density, both scale in proportion to it (see
+	// [Forecast.Scaled]), so that collisions stay the same share of arrivals when owners
+	// come back less often, or more. Zero keeps the thresholds fixed.
+	ArrivalDensity float64
 	// Fallback handles an owner who arrives while a VM is on the desktop.
 	Fallback Condor
 }
@@ -247,15 +256,18 @@ func NewForecast(lead time.Duration, startBelow, shrinkAbove, drainAbove float64
 
 // DefaultForecast returns the forecast policy with deskcloud's defaults, chosen on the
 // validation year of the library trace before its test year (docs/forecast.md, "Fleet
-// simulation"): a lead of 10 minutes; start at full size, and grow back, below 0.005;
+// simulation"): a lead of 10 minutes; start at full size, and grow back, below 0.0075;
 // start at the floor below 0.05, the least that harvested 90 % of HTCondor's machine-hours
-// there; shrink to the floor at 0.0175, which with these kept owner collisions under
-// 4.5 % of arrivals with the fewest owners finding a VM at its floor; never drain
-// (DrainAbove is +Inf): on that trace draining ahead of the owner bought nothing the floor
-// did not; MinIdle a minute, MinFloor 15 minutes.
+// there; shrink to the floor at 0.0125, which with these kept owner collisions under
+// 4.5 % of arrivals with the fewest owners finding a VM at its floor; both thresholds hold
+// at 0.217 arrivals per harvestable desktop-hour, that year's density, and scale with the
+// fleet's density where it is known; never drain (DrainAbove is +Inf): on that trace
+// draining ahead of the owner bought nothing the floor did not; MinIdle a minute, MinFloor
+// 15 minutes.
 func DefaultForecast() Forecast {
-	f := NewForecast(10*time.Minute, 0.005, 0.0175, math.Inf(1))
+	f := NewForecast(10*time.Minute, 0.0075, 0.0125, math.Inf(1))
 	f.FloorStartBelow = 0.05
+	f.ArrivalDensity = 0.217
 	return f
 }
 
@@ -296,6 +308,9 @@ func (f Forecast) Validate(key func(k string) string) error {
 	if f.MinIdle < 0 {
 		errs = append(errs, fmt.Errorf("%s must not be negative, got %s", key("min_idle"), f.MinIdle))
 	}
+	if !(f.ArrivalDensity >= 0) || math.IsInf(f.ArrivalDensity, 1) {
+		errs = append(errs, fmt.Errorf("%s must be zero (thresholds fixed) or a positive number of arrivals per harvestable hour, got %v", key("arrival_density"), f.ArrivalDensity))
+	}
 	if f.MinFloor < 0 {
 		errs = append(errs, fmt.Errorf("%s must not be negative, got %s", key("min_floor"), f.MinFloor))
 	}
@@ -305,6 +320,9 @@ func (f Forecast) Validate(key func(k string) string) error {
 // Decide applies the policy. A Situation without a forecast (OwnerAway false) reads as the
 // owner back for certain.
 func (f Forecast) Decide(s Situation) Action {
+	if f.ArrivalDensity > 0 && s.ArrivalDensity > 0 {
+		f = f.Scaled(s.ArrivalDensity / f.ArrivalDensity)
+	}
 	switch s.Phase {
 	case Vacant:
 		if !s.Harvestable || s.OwnerIdle < f.MinIdle {
@@ -340,6 +358,31 @@ func (f Forecast) Decide(s Situation) Action {
 		return f.Fallback.suspended(s)
 	}
 	return Hold
+}
+
+// Scaled returns the policy with its thresholds on the owner's hazard scaled by k, k held
+// between 1/4 and 4: StartBelow, ShrinkAbove and a DrainAbove that is reached (at most 1),
+// each capped at 1 and in their order; a floor layer that was off (ShrinkAbove equal to
+// DrainAbove) stays off, and so do starts at the floor (FloorStartBelow equal to
+// StartBelow). Otherwise FloorStartBelow is not scaled, since it sets how much is harvested
+// rather than how often owners meet a VM above its floor; it is only kept between
+// StartBelow and DrainAbove. Lead and durations are unchanged.
+func (f Forecast) Scaled(k float64) Forecast {
+	k = min(max(k, 0.25), 4)
+	floorOff, floorStartOff := f.ShrinkAbove == f.DrainAbove, f.FloorStartBelow == f.StartBelow
+	if f.DrainAbove <= 1 {
+		f.DrainAbove = min(f.DrainAbove*k, 1)
+	}
+	f.ShrinkAbove = min(f.ShrinkAbove*k, 1, f.DrainAbove)
+	if floorOff {
+		f.ShrinkAbove = f.DrainAbove
+	}
+	f.StartBelow = min(f.StartBelow*k, f.ShrinkAbove)
+	f.FloorStartBelow = min(max(f.FloorStartBelow, f.StartBelow), max(f.DrainAbove, f.StartBelow))
+	if floorStartOff {
+		f.FloorStartBelow = f.StartBelow
+	}
+	return f
 }
 
 // ReturnWithin returns the forecast probability that the owner is active within d,

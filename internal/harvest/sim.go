@@ -58,6 +58,9 @@ type Options struct {
 	// desktops, in the same order, and Pool must have been built with a fleet context. Nil
 	// gives the models their own desktop's history only, as the driver's do.
 	Context *FleetContext
+	// Density, when set, tells every decision the fleet's arrival density over the year
+	// before its day, for a Forecast policy with an ArrivalDensity to scale its thresholds by.
+	Density *FleetDensity
 	// Workers bounds the goroutines simulating desktops (default GOMAXPROCS). Reports do
 	// not depend on it.
 	Workers int
@@ -480,6 +483,9 @@ func (d *desktopSim) decideAt(at time.Time, due bool) error {
 			return err
 		}
 		s.Forecast = d.forecast
+		if d.opt.Density != nil {
+			s.ArrivalDensity = d.opt.Density.At(at)
+		}
 	}
 	switch a := d.p.Decide(s); a {
 	case Start:
