@@ -226,7 +226,7 @@ func writeReports(w io.Writer, reports []harvest.Report) error {
 		if condor > 0 {
 			share = fmt.Sprintf("%.1f%%", 100*r.HarvestedHours/condor)
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%.0f\t%.0f\t%d\t%d (%.1f%%)\t%d (%.1f%%)\t%d\t%d\t%d\t%d (%d)\t%d\t%d\t%.0f\t%.0f\t\n",
+		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%.0f\t%.0f\t%d\t%d (%.2f%%)\t%d (%.1f%%)\t%d\t%d\t%d\t%d (%d)\t%d\t%d\t%.0f\t%.0f\t\n",
 			r.Policy, r.HarvestedHours, share, r.FullHours, r.FloorHours, r.Arrivals, r.Collisions, 100*r.CollisionRate(),
 			r.ArrivalsAtFloor, 100*r.AtFloorRate(), r.Preemptions, r.PowerOffs, r.Drains, r.Starts, r.FloorStarts, r.Shrinks, r.Grows, r.LostHours, r.LostHoursNoCheckpoint)
 	}
