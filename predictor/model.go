@@ -149,6 +149,20 @@ type Context struct {
 	GroupInUse float64
 }
 
+// The rules by which a Context is made from the fleet's published OwnerAway flags, the same
+// wherever it is made (the forecast evaluation, the fleet simulator), so that a pool built
+// with a fleet context in one reads the same features in the other.
+const (
+	// ContextSilence is how long after its last report a desktop still counts in the fleet.
+	ContextSilence = 7 * 24 * time.Hour
+	// ContextSession is how long after its last report an owner at the desktop still counts
+	// as present: a session that never logged its end is not occupancy.
+	ContextSession = 24 * time.Hour
+	// ContextFlow is the window over which the fleet's arrival rate (FleetArrivals) is
+	// measured.
+	ContextFlow = 15 * time.Minute
+)
+
 // NoContext is the Context of a model told nothing about its fleet.
 var NoContext = Context{FleetInUse: -1, FleetArrivals: -1, GroupInUse: -1}
 

@@ -9,16 +9,12 @@ import (
 	"github.com/deskcloud/deskcloud/predictor"
 )
 
-// Rules of the fleet context, as the forecast evaluation applies them (predictor/eval), so
+// Rules of the fleet context (predictor.Context*), shared with the forecast evaluation, so
 // that a pool built there with its fleet context reads the same features here.
 const (
-	// contextSilence is how long after its last event a desktop still counts in the fleet.
-	contextSilence = 7 * 24 * time.Hour
-	// contextSession is how long after its last event an owner at the desktop still counts
-	// as present: a session that never logged its end is not occupancy.
-	contextSession = 24 * time.Hour
-	// contextFlow is the window over which the fleet's arrival rate is measured.
-	contextFlow = 15 * time.Minute
+	contextSilence = predictor.ContextSilence
+	contextSession = predictor.ContextSession
+	contextFlow    = predictor.ContextFlow
 	// contextArrivals is how many of a desktop's latest arrivals are kept for the rate.
 	contextArrivals = 16
 )

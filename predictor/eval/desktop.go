@@ -20,13 +20,11 @@ const (
 	condorIdle = 15 * time.Minute
 	// recentArrivals is how many arrivals a desktop tracker remembers for persistence.
 	recentArrivals = 16
-	// maxSilence is how long after its last row a desktop still counts as in the trace.
-	maxSilence = 7 * 24 * 3600 * 1000
-	// maxSession is how long after its last row an in-use desktop still counts as in use
-	// for the fleet context: a session that never logged its end is not occupancy.
-	maxSession = 24 * 3600 * 1000
-	// flowWindow is the window over which the fleet's arrival rate is measured.
-	flowWindow = 15 * 60 * 1000
+	// maxSilence is how long after its last row a desktop still counts as in the trace, in
+	// ms; maxSession and flowWindow are the fleet context's other rules (predictor.Context*).
+	maxSilence = int64(predictor.ContextSilence / time.Millisecond)
+	maxSession = int64(predictor.ContextSession / time.Millisecond)
+	flowWindow = int64(predictor.ContextFlow / time.Millisecond)
 )
 
 var (
@@ -296,7 +294,7 @@ func (e *evaluator) context(at int64) {
 		return
 	}
 	e.fleetCtx.FleetInUse = float64(inUse) / float64(live)
-	e.fleetCtx.FleetArrivals = float64(arrivals) / float64(live) * float64(3600*1000) / flowWindow
+	e.fleetCtx.FleetArrivals = float64(arrivals) / float64(live) * float64(3600*1000) / float64(flowWindow)
 }
 
 // contextFor is the context of desktop d, from what context computed.
