@@ -51,7 +51,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	floorWork := fs.Float64("floor-work", 1, "work credited for an hour at the floor, as a fraction of an hour at full size, 0 to 1")
 	shrinkTime := fs.Duration("shrink-time", time.Minute, "how long a VM takes to reach its floor; an owner arriving sooner collides with it")
 	poolPath := fs.String("pool", "", "fleet prior for the forecast models, from predict eval --save-pool (default: untrained)")
-	arrivalDensity := fs.Float64("arrival-density", def.ArrivalDensity, "forecast policy: the fleet's arrivals per harvestable desktop-hour at which --start-below and --shrink-above hold; they scale with the fleet's density over the year before each day (0: fixed thresholds)")
+	arrivalDensity := fs.Float64("arrival-density", def.ArrivalDensity, "forecast policy: the fleet's arrivals per harvestable desktop-hour at which --start-below, --shrink-above and --drain-above hold; they scale with the fleet's density over the year before each day (0: fixed thresholds)")
 	frozen := fs.Bool("frozen", false, "forecast models do not learn during the simulation")
 	fleetContext := fs.Bool("fleet-context", false, "give the forecast models the fleet context made from the desktops' published forecasts, as predict eval does by default; the pool must be built that way")
 	groupBy := fs.String("group-by", "prefix", "with --fleet-context, how desktops form groups: prefix (name without its trailing digits) or none")

@@ -235,10 +235,10 @@ type Forecast struct {
 	// costs the guest its page cache, and the balloon seconds of work.
 	MinFloor time.Duration
 	// ArrivalDensity, when above zero, is the fleet's arrival density (arrivals per
-	// harvestable desktop-hour) at which StartBelow and ShrinkAbove hold as given; where
-	// the situation tells the fleet's density, both scale in proportion to it (see
-	// [Forecast.Scaled]), so that collisions stay the same share of arrivals when owners
-	// come back less often, or more. Zero keeps the thresholds fixed.
+	// harvestable desktop-hour) at which StartBelow, ShrinkAbove and DrainAbove hold as
+	// given; where the situation tells the fleet's density, they scale in proportion to it
+	// (see [Forecast.Scaled]), so that collisions stay the same share of arrivals when
+	// owners come back less often, or more. Zero keeps the thresholds fixed.
 	ArrivalDensity float64
 	// Fallback handles an owner who arrives while a VM is on the desktop.
 	Fallback Condor
@@ -277,10 +277,11 @@ func (Forecast) Name() string { return "forecast" }
 // NeedsForecast returns true.
 func (Forecast) NeedsForecast() bool { return true }
 
-// Validate checks the lead, the thresholds and the durations. Each error names its field
-// by key(k), k being the field's snake_case key (lead, start_below, shrink_above,
-// floor_start_below, drain_above, min_idle, min_floor), so that a caller can name its own
-// flag or attribute; a nil key uses k itself. Several errors are joined.
+// Validate checks the lead, the thresholds, the durations and the arrival density. Each
+// error names its field by key(k), k being the field's snake_case key (lead, start_below,
+// shrink_above, floor_start_below, drain_above, min_idle, min_floor, arrival_density), so
+// that a caller can name its own flag or attribute; a nil key uses k itself. Several
+// errors are joined.
 func (f Forecast) Validate(key func(k string) string) error {
 	if key == nil {
 		key = func(k string) string { return k }
@@ -308,11 +309,11 @@ func (f Forecast) Validate(key func(k string) string) error {
 	if f.MinIdle < 0 {
 		errs = append(errs, fmt.Errorf("%s must not be negative, got %s", key("min_idle"), f.MinIdle))
 	}
-	if !(f.ArrivalDensity >= 0) || math.IsInf(f.ArrivalDensity, 1) {
-		errs = append(errs, fmt.Errorf("%s must be zero (thresholds fixed) or a positive number of arrivals per harvestable hour, got %v", key("arrival_density"), f.ArrivalDensity))
-	}
 	if f.MinFloor < 0 {
 		errs = append(errs, fmt.Errorf("%s must not be negative, got %s", key("min_floor"), f.MinFloor))
+	}
+	if !(f.ArrivalDensity >= 0) || math.IsInf(f.ArrivalDensity, 1) {
+		errs = append(errs, fmt.Errorf("%s must be zero (thresholds fixed) or a positive number of arrivals per harvestable hour, got %v", key("arrival_density"), f.ArrivalDensity))
 	}
 	return errors.Join(errs...)
 }
