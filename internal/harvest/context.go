@@ -9,15 +9,11 @@ import (
 	"github.com/deskcloud/deskcloud/predictor"
 )
 
-// Rules of the fleet context (predictor.Context*), shared with the forecast evaluation, so
-// that a pool built there with its fleet context reads the same features here.
-const (
-	contextSilence = predictor.ContextSilence
-	contextSession = predictor.ContextSession
-	contextFlow    = predictor.ContextFlow
-	// contextArrivals is how many of a desktop's latest arrivals are kept for the rate.
-	contextArrivals = 16
-)
+// contextArrivals is how many of a desktop's latest arrivals are kept for the fleet's
+// arrival rate. The fleet context's other rules are predictor's (predictor.ContextSilence,
+// ContextSession, ContextFlow), shared with the forecast evaluation, so that a pool built
+// there with its fleet context reads the same features here.
+const contextArrivals = 16
 
 // FleetContext is the fleet context ([predictor.Context]) that the platform would tell each
 // desktop's model at every sampling tick (predictor.SampleEvery on the clock) of a
@@ -89,7 +85,7 @@ func NewFleetContext(desktops [][]Event, groups []string) (*FleetContext, error)
 		arrN      int
 	}
 	ds := make([]desk, len(desktops))
-	silence, session, flow := contextSilence.Milliseconds(), contextSession.Milliseconds(), contextFlow.Milliseconds()
+	silence, session, flow := predictor.ContextSilence.Milliseconds(), predictor.ContextSession.Milliseconds(), predictor.ContextFlow.Milliseconds()
 	live := make([]int, len(index))
 	inUseG := make([]int, len(index))
 	next := 0

@@ -55,7 +55,7 @@ func NewFleetDensity(desktops [][]Event) *FleetDensity {
 				continue
 			}
 			end := evs[i+1].Time
-			if end.Sub(e.Time) > contextSilence {
+			if end.Sub(e.Time) > predictor.ContextSilence {
 				continue
 			}
 			for t := e.Time; t.Before(end); {
