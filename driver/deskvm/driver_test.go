@@ -578,3 +578,8 @@ func TestDriver_StartWaitsForProbe(t *testing.T) {
 	must.NoError(t, err, must.Sprint("a task started during the probe must wait for it, not fail"))
 	must.Eq(t, 4, waitExit(t, h, handle.Config.ID, 30*time.Second).ExitCode)
 }
+
+func fileExists(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && !fi.IsDir()
+}

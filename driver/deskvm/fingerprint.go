@@ -10,17 +10,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/deskcloud/deskcloud/driver/guestkit"
 	"github.com/deskcloud/deskcloud/driver/vm"
 	"github.com/deskcloud/deskcloud/internal/atomicfile"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
 )
-
-// Guest kit file names, as scripts/guestkit.sh writes them. The uncompressed ELF kernel
-// boots directly (PVH), skipping seconds of decompression under TCG; vmlinuz is the fallback.
-var kitKernels = []string{"vmlinux", "vmlinuz"}
-
-const kitInitrd = "initramfs.cpio.gz"
 
 const (
 	// kvmProbeTimeout bounds the KVM probe boot: a working KVM powers the probe guest off in
@@ -214,26 +209,19 @@ func guestKit(c *Config) (kernel, initrd string, err error) {
 	}
 	dirs = append(dirs, "/usr/share/deskvm/guest")
 	for _, dir := range dirs {
-		i := filepath.Join(dir, kitInitrd)
-		for _, name := range kitKernels {
-			k := filepath.Join(dir, name)
-			if fileExists(k) && fileExists(i) {
-				if c.Kernel != "" {
-					k = c.Kernel
-				}
-				if c.Initrd != "" {
-					i = c.Initrd
-				}
-				return k, i, nil
-			}
+		k, i, err := guestkit.BootFiles(dir)
+		if err != nil {
+			continue
 		}
+		if c.Kernel != "" {
+			k = c.Kernel
+		}
+		if c.Initrd != "" {
+			i = c.Initrd
+		}
+		return k, i, nil
 	}
 	return "", "", fmt.Errorf("kernel and initrd are not set and no guest kit was found in %q (run make deps, or set kernel and initrd)", dirs)
-}
-
-func fileExists(p string) bool {
-	fi, err := os.Stat(p)
-	return err == nil && !fi.IsDir()
 }
 
 // Fingerprint sends the driver's health and node attributes: at once, when the host probe

@@ -61,6 +61,27 @@ func Initrd() string { return inDir(InitrdFile) }
 // when Dir is unknown.
 func TestImage() string { return inDir(TestImageFile) }
 
+// BootFiles returns the kernel and initramfs that deskvm boots from the kit in dir: the
+// uncompressed kernel (KernelELFFile) when the kit has it, since under TCG it boots seconds
+// sooner, else the compressed one. It fails when dir holds no initramfs or neither kernel.
+func BootFiles(dir string) (kernel, initrd string, err error) {
+	initrd = filepath.Join(dir, InitrdFile)
+	if !isFile(initrd) {
+		return "", "", fmt.Errorf("guest kit in %s has no %s", dir, InitrdFile)
+	}
+	for _, name := range []string{KernelELFFile, KernelFile} {
+		if k := filepath.Join(dir, name); isFile(k) {
+			return k, initrd, nil
+		}
+	}
+	return "", "", fmt.Errorf("guest kit in %s has neither %s nor %s", dir, KernelELFFile, KernelFile)
+}
+
+func isFile(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && !fi.IsDir()
+}
+
 func inDir(name string) string {
 	d := Dir()
 	if d == "" {

@@ -38,6 +38,28 @@ func TestDir(t *testing.T) {
 	})
 }
 
+func TestBootFiles(t *testing.T) {
+	dir := t.TempDir()
+	touch := func(name string) {
+		t.Helper()
+		must.NoError(t, os.WriteFile(filepath.Join(dir, name), nil, 0o644))
+	}
+	_, _, err := BootFiles(dir)
+	must.ErrorContains(t, err, "has no initramfs.cpio.gz")
+	touch(InitrdFile)
+	_, _, err = BootFiles(dir)
+	must.ErrorContains(t, err, "has neither vmlinux nor vmlinuz")
+	touch(KernelFile)
+	kernel, initrd, err := BootFiles(dir)
+	must.NoError(t, err)
+	must.Eq(t, filepath.Join(dir, KernelFile), kernel)
+	must.Eq(t, filepath.Join(dir, InitrdFile), initrd)
+	touch(KernelELFFile)
+	kernel, _, err = BootFiles(dir)
+	must.NoError(t, err)
+	must.Eq(t, filepath.Join(dir, KernelELFFile), kernel, must.Sprint("the uncompressed kernel first"))
+}
+
 // runScript is the task of the command-mode test, on a 9p share: it proves
 // stdout, stderr, the environment, the working directory and a TERM trap.
 const runScript = `#!/bin/sh

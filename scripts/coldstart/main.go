@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/deskcloud/deskcloud/driver/guestctl"
+	"github.com/deskcloud/deskcloud/driver/guestkit"
 	"github.com/deskcloud/deskcloud/driver/vm"
 	"github.com/deskcloud/deskcloud/e2e/cluster"
 	"github.com/hashicorp/nomad/api"
@@ -58,10 +59,10 @@ func run(runs int) error {
 		return err
 	}
 	kit := filepath.Join(root, ".deps", "guest")
-	// Boot the kernel deskvm boots: the uncompressed ELF when the kit has it.
-	kernel, initrd := filepath.Join(kit, "vmlinux"), filepath.Join(kit, "initramfs.cpio.gz")
-	if _, err := os.Stat(kernel); err != nil {
-		kernel = filepath.Join(kit, "vmlinuz")
+	// Boot the kernel deskvm boots.
+	kernel, initrd, err := guestkit.BootFiles(kit)
+	if err != nil {
+		return err
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -194,7 +195,7 @@ func deskvmJob(a *cluster.Agent) (running, done time.Duration, err error) {
 
 func qemuDriverJob(a *cluster.Agent, kit, kernel, initrd string) (time.Duration, error) {
 	_, done, err := submit(a, batchJob("bench-qemu-"+uuid.Short(), "qemu", map[string]any{
-		"image_path": filepath.Join(kit, "test-image.qcow2"),
+		"image_path": filepath.Join(kit, guestkit.TestImageFile),
 		"args": []string{"-kernel", kernel, "-initrd", initrd, "-append",
 			"console=ttyS0 panic=-1 quiet deskvm.mode=probe", "-no-reboot"},
 	}))
