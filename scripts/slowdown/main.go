@@ -32,8 +32,10 @@ import (
 	"github.com/hashicorp/nomad/helper/uuid"
 
 	"github.com/deskcloud/deskcloud/driver/cloudinit"
+	"github.com/deskcloud/deskcloud/driver/guestkit"
 	"github.com/deskcloud/deskcloud/driver/vm"
 	"github.com/deskcloud/deskcloud/e2e/cluster"
+	"github.com/deskcloud/deskcloud/internal/ownerload"
 )
 
 // ownerWork is about how long one owner process spins on an idle core.
@@ -46,24 +48,13 @@ func main() {
 	if *spinN > 0 {
 		var b [1]byte
 		_, _ = os.Stdin.Read(b[:])
-		spin(*spinN)
+		ownerload.Sink = ownerload.Spin(*spinN)
 		return
 	}
 	if err := run(*runs); err != nil {
 		fmt.Fprintln(os.Stderr, "slowdown:", err)
 		os.Exit(1)
 	}
-}
-
-// spinSink keeps the compiler from dropping spin's loop.
-var spinSink uint64
-
-func spin(n int64) {
-	x := uint64(1)
-	for i := int64(0); i < n; i++ {
-		x = x*6364136223846793005 + 1442695040888963407
-	}
-	spinSink = x
 }
 
 func run(runs int) error {
@@ -75,9 +66,9 @@ func run(runs int) error {
 		return err
 	}
 	kit := filepath.Join(root, ".deps", "guest")
-	kernel, initrd := filepath.Join(kit, "vmlinux"), filepath.Join(kit, "initramfs.cpio.gz")
-	if _, err := os.Stat(kernel); err != nil {
-		kernel = filepath.Join(kit, "vmlinuz")
+	kernel, initrd, err := guestkit.BootFiles(kit)
+	if err != nil {
+		return err
 	}
 	vcpus := runtime.NumCPU()
 	busy := busyScript(vcpus)
@@ -113,7 +104,7 @@ func run(runs int) error {
 	}
 	defer stopAgent()
 
-	n := calibrate()
+	n := ownerload.Calibrate(ownerWork)
 	times := map[string][]time.Duration{}
 	measure := func(name string) error {
 		for range runs {
@@ -133,37 +124,29 @@ func run(runs int) error {
 		return err
 	}
 
-	fmt.Fprintln(os.Stderr, "==> owner beside a deskvm job")
-	stop, err := startJob(ctx, a, "deskvm", map[string]any{"command": "/bin/sh", "args": []string{"-c", busy}}, vcpus)
-	if err != nil {
-		return err
+	contenders := []struct {
+		name  string
+		start func() (stop func(), err error)
+	}{
+		{"deskvm", func() (func(), error) {
+			return startJob(ctx, a, "deskvm", map[string]any{"command": "/bin/sh", "args": []string{"-c", busy}}, vcpus)
+		}},
+		{"Nomad's qemu driver", func() (func(), error) {
+			return startJob(ctx, a, "qemu", map[string]any{"image_path": filepath.Join(kit, guestkit.TestImageFile), "args": imageArgs}, vcpus)
+		}},
+		{"plain QEMU at nice 19", func() (func(), error) { return startNice19(ctx, kit, imageArgs) }},
 	}
-	err = measure("deskvm")
-	stop()
-	if err != nil {
-		return err
-	}
-
-	fmt.Fprintln(os.Stderr, "==> owner beside a qemu driver job")
-	stop, err = startJob(ctx, a, "qemu", map[string]any{"image_path": filepath.Join(kit, "test-image.qcow2"), "args": imageArgs}, vcpus)
-	if err != nil {
-		return err
-	}
-	err = measure("Nomad's qemu driver")
-	stop()
-	if err != nil {
-		return err
-	}
-
-	fmt.Fprintln(os.Stderr, "==> owner beside plain QEMU at nice 19")
-	stop, err = startNice19(ctx, kit, imageArgs)
-	if err != nil {
-		return err
-	}
-	err = measure("plain QEMU at nice 19")
-	stop()
-	if err != nil {
-		return err
+	for _, c := range contenders {
+		fmt.Fprintf(os.Stderr, "==> owner beside %s\n", c.name)
+		stop, err := c.start()
+		if err != nil {
+			return err
+		}
+		err = measure(c.name)
+		stop()
+		if err != nil {
+			return err
+		}
 	}
 
 	fmt.Fprintln(os.Stderr, "==> owner alone again")
@@ -177,7 +160,11 @@ func run(runs int) error {
 		vcpus, vcpus, runs, 2*runs, strings.Join(strings.Fields(string(load))[:3], " "))
 	fmt.Printf("| %-24s | %10s | %8s | %8s | %s |\n", "VM", "owner wall", "min", "max", "slowdown")
 	fmt.Printf("|%s|%s|%s|%s|%s|\n", strings.Repeat("-", 26), strings.Repeat("-", 12), strings.Repeat("-", 10), strings.Repeat("-", 10), strings.Repeat("-", 10))
-	for _, name := range []string{"no VM", "deskvm", "Nomad's qemu driver", "plain QEMU at nice 19"} {
+	names := []string{"no VM"}
+	for _, c := range contenders {
+		names = append(names, c.name)
+	}
+	for _, name := range names {
 		ts := times[name]
 		fmt.Printf("| %-24s | %8dms | %6dms | %6dms | %7.2f× |\n", name, median(ts).Milliseconds(),
 			slices.Min(ts).Milliseconds(), slices.Max(ts).Milliseconds(), float64(median(ts))/float64(base))
@@ -255,7 +242,7 @@ func startNice19(ctx context.Context, kit string, imageArgs []string) (stop func
 		return nil, err
 	}
 	disk := filepath.Join(os.TempDir(), "deskcloud-slowdown-"+uuid.Short()+".qcow2")
-	if out, err := exec.Command("qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", filepath.Join(kit, "test-image.qcow2"), disk).CombinedOutput(); err != nil {
+	if out, err := exec.Command("qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", filepath.Join(kit, guestkit.TestImageFile), disk).CombinedOutput(); err != nil {
 		os.Remove(cg)
 		return nil, fmt.Errorf("qemu-img: %w: %s", err, out)
 	}
@@ -332,20 +319,6 @@ func cpuTimes() (busy, total uint64, err error) {
 		}
 	}
 	return busy, total, nil
-}
-
-// calibrate returns the spin count that takes about ownerWork on one idle core.
-func calibrate() int64 {
-	const n = 50_000_000
-	best := time.Duration(0)
-	for range 3 {
-		start := time.Now()
-		spin(n)
-		if d := time.Since(start); best == 0 || d < best {
-			best = d
-		}
-	}
-	return int64(float64(n) * float64(ownerWork) / float64(best))
 }
 
 // runOwner runs procs owner processes, each spinning n rounds, in cgroup dir, and returns
