@@ -16,6 +16,11 @@ import (
 
 var day0 = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC) // a Monday
 
+// onDay0 is the time h:m:s on day0.
+func onDay0(h, m, s int) time.Time {
+	return day0.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute + time.Duration(s)*time.Second)
+}
+
 // officeDesktop returns weeks of a synthetic desktop: on weekdays the owner comes in around
 // 09:00, takes a lunch break and leaves around 17:30, with random short visits in the
 // evening; the desktop is off on some nights. Nothing here comes from a real trace.
@@ -265,21 +270,18 @@ func (p scripted) Decide(s Situation) Action {
 }
 
 func TestFloorTimeline(t *testing.T) {
-	at := func(h, m, s int) time.Time {
-		return day0.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute + time.Duration(s)*time.Second)
-	}
-	p := scripted{shrinkAt: at(10, 0, 0), growAt: at(12, 0, 0), stopStarts: at(13, 30, 0)}
+	p := scripted{shrinkAt: onDay0(10, 0, 0), growAt: onDay0(12, 0, 0), stopStarts: onDay0(13, 30, 0)}
 	evs := []Event{
-		{at(8, 0, 0), predictor.InUse},
-		{at(9, 0, 0), predictor.Available},   // starts at once; shrinks at 10:00, at its floor from 10:01
-		{at(10, 0, 30), predictor.InUse},     // still shrinking: a collision; suspended above its floor
-		{at(10, 5, 0), predictor.Available},  // resumes at full size; shrinks again at 10:06
-		{at(10, 30, 0), predictor.InUse},     // at its floor: not a collision
-		{at(10, 35, 0), predictor.Available}, // resumes at its floor; grows at 12:00
-		{at(13, 0, 0), predictor.InUse},      // full size: a collision; evicted at 13:10
-		{at(14, 0, 0), predictor.Available},  // no more starts
-		{at(14, 30, 0), predictor.InUse},     // the desktop is vacant
-		{at(15, 0, 0), predictor.Available},
+		{onDay0(8, 0, 0), predictor.InUse},
+		{onDay0(9, 0, 0), predictor.Available},   // starts at once; shrinks at 10:00, at its floor from 10:01
+		{onDay0(10, 0, 30), predictor.InUse},     // still shrinking: a collision; suspended above its floor
+		{onDay0(10, 5, 0), predictor.Available},  // resumes at full size; shrinks again at 10:06
+		{onDay0(10, 30, 0), predictor.InUse},     // at its floor: not a collision
+		{onDay0(10, 35, 0), predictor.Available}, // resumes at its floor; grows at 12:00
+		{onDay0(13, 0, 0), predictor.InUse},      // full size: a collision; evicted at 13:10
+		{onDay0(14, 0, 0), predictor.Available},  // no more starts
+		{onDay0(14, 30, 0), predictor.InUse},     // the desktop is vacant
+		{onDay0(15, 0, 0), predictor.Available},
 	}
 	r, err := Simulate(t.Context(), p, [][]Event{evs}, Options{FloorLoss: 0.5})
 	must.NoError(t, err)
@@ -309,20 +311,17 @@ func TestFloorTimeline(t *testing.T) {
 }
 
 func TestFloorStartTimeline(t *testing.T) {
-	at := func(h, m, s int) time.Time {
-		return day0.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute + time.Duration(s)*time.Second)
-	}
-	p := scripted{atFloor: true, shrinkAt: at(23, 0, 0), growAt: at(11, 0, 0), stopStarts: at(12, 30, 0)}
+	p := scripted{atFloor: true, shrinkAt: onDay0(23, 0, 0), growAt: onDay0(11, 0, 0), stopStarts: onDay0(12, 30, 0)}
 	evs := []Event{
-		{at(8, 0, 0), predictor.InUse},
-		{at(9, 0, 0), predictor.Available},   // starts at its floor, which it reaches at 09:01
-		{at(9, 30, 0), predictor.InUse},      // at its floor: not a collision; suspended there
-		{at(9, 35, 0), predictor.Available},  // resumes at its floor; grows at 11:00
-		{at(12, 0, 0), predictor.InUse},      // full size: a collision; evicted at 12:10
-		{at(12, 20, 0), predictor.Available}, // starts at its floor again, reached at 12:21
-		{at(12, 20, 30), predictor.InUse},    // not there yet: a collision; evicted at 12:31
-		{at(13, 0, 0), predictor.Available},  // no more starts
-		{at(13, 30, 0), predictor.InUse},     // the desktop is vacant
+		{onDay0(8, 0, 0), predictor.InUse},
+		{onDay0(9, 0, 0), predictor.Available},   // starts at its floor, which it reaches at 09:01
+		{onDay0(9, 30, 0), predictor.InUse},      // at its floor: not a collision; suspended there
+		{onDay0(9, 35, 0), predictor.Available},  // resumes at its floor; grows at 11:00
+		{onDay0(12, 0, 0), predictor.InUse},      // full size: a collision; evicted at 12:10
+		{onDay0(12, 20, 0), predictor.Available}, // starts at its floor again, reached at 12:21
+		{onDay0(12, 20, 30), predictor.InUse},    // not there yet: a collision; evicted at 12:31
+		{onDay0(13, 0, 0), predictor.Available},  // no more starts
+		{onDay0(13, 30, 0), predictor.InUse},     // the desktop is vacant
 	}
 	r, err := Simulate(t.Context(), p, [][]Event{evs}, Options{FloorLoss: 0.5})
 	must.NoError(t, err)
@@ -354,12 +353,11 @@ func TestFloorStartTimeline(t *testing.T) {
 func TestFloorLostWorkAtFloorRate(t *testing.T) {
 	// A VM at its floor when the desktop goes off loses the work done since its last
 	// checkpoint, at the floor's rate.
-	at := func(h, m int) time.Time { return day0.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute) }
-	p := scripted{shrinkAt: at(9, 10), growAt: at(23, 0), stopStarts: at(9, 1)}
+	p := scripted{shrinkAt: onDay0(9, 10, 0), growAt: onDay0(23, 0, 0), stopStarts: onDay0(9, 1, 0)}
 	evs := []Event{
-		{at(8, 0), predictor.InUse},
-		{at(9, 0), predictor.Available}, // starts; at its floor from 09:10 (shrinking to 09:11)
-		{at(9, 50), predictor.Offline},  // checkpointed at 09:30: 20 minutes at the floor lost
+		{onDay0(8, 0, 0), predictor.InUse},
+		{onDay0(9, 0, 0), predictor.Available}, // starts; at its floor from 09:10 (shrinking to 09:11)
+		{onDay0(9, 50, 0), predictor.Offline},  // checkpointed at 09:30: 20 minutes at the floor lost
 	}
 	r, err := Simulate(t.Context(), p, [][]Event{evs}, Options{FloorLoss: 0.75})
 	must.NoError(t, err)
@@ -377,14 +375,13 @@ func TestSimulateRejectsFloorLoss(t *testing.T) {
 }
 
 func TestCondorTimeline(t *testing.T) {
-	at := func(h, m int) time.Time { return day0.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute) }
 	evs := []Event{
-		{at(8, 0), predictor.InUse},
-		{at(9, 0), predictor.Available},  // the VM starts at 09:15
-		{at(10, 0), predictor.InUse},     // a collision: suspended, evicted at 10:10
-		{at(11, 0), predictor.Available}, // starts again at 11:15
-		{at(13, 0), predictor.Offline},   // powered off under the VM
-		{at(14, 0), predictor.Restarted}, // idle since 11:00: a VM starts at once
+		{onDay0(8, 0, 0), predictor.InUse},
+		{onDay0(9, 0, 0), predictor.Available},  // the VM starts at 09:15
+		{onDay0(10, 0, 0), predictor.InUse},     // a collision: suspended, evicted at 10:10
+		{onDay0(11, 0, 0), predictor.Available}, // starts again at 11:15
+		{onDay0(13, 0, 0), predictor.Offline},   // powered off under the VM
+		{onDay0(14, 0, 0), predictor.Restarted}, // idle since 11:00: a VM starts at once
 	}
 	r, err := Simulate(t.Context(), NewCondor(), [][]Event{evs}, Options{})
 	must.NoError(t, err)
