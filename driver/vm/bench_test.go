@@ -28,7 +28,6 @@ import (
 	"time"
 
 	"github.com/deskcloud/deskcloud/internal/owner"
-	"github.com/deskcloud/deskcloud/internal/ownerload"
 	"github.com/deskcloud/deskcloud/internal/yield"
 	"github.com/shoenig/test/must"
 )
@@ -48,6 +47,21 @@ func ownerCgroup(b *testing.B) string {
 	must.NoError(b, os.MkdirAll(dir, 0o755))
 	b.Cleanup(func() { removeCgroup(dir) })
 	return dir
+}
+
+// calibrateSpin returns the spin count that takes about d on one core now.
+func calibrateSpin(b *testing.B) int64 {
+	b.Helper()
+	const n = 50_000_000
+	var best time.Duration
+	for range 3 {
+		start := time.Now()
+		spin(n)
+		if d := time.Since(start); best == 0 || d < best {
+			best = d
+		}
+	}
+	return int64(float64(n) * float64(ownerWork) / float64(best))
 }
 
 // runOwner runs one owner process per core, each spinning n rounds, in cgroup dir, and
@@ -150,7 +164,7 @@ func BenchmarkYieldCPU(b *testing.B) {
 
 func benchOwnerSlowdown(b *testing.B, ctx context.Context, m *Machine, cgroups []string) {
 	owner := ownerCgroup(b)
-	n := ownerload.Calibrate(ownerWork)
+	n := calibrateSpin(b)
 	times := make(map[string][]time.Duration)
 	for range benchTrials {
 		must.NoError(b, m.Pause(ctx))

@@ -18,7 +18,6 @@ import (
 
 	"github.com/deskcloud/deskcloud/driver/guestctl"
 	"github.com/deskcloud/deskcloud/driver/guestkit"
-	"github.com/deskcloud/deskcloud/internal/ownerload"
 )
 
 // testQEMU is the emulator the real-QEMU tests run.
@@ -53,10 +52,21 @@ func TestHelperProcess(t *testing.T) {
 		// into a cgroup.
 		n, _ := strconv.ParseInt(strings.TrimPrefix(job, "spin="), 10, 64)
 		_, _ = os.Stdin.Read(make([]byte, 1))
-		fmt.Println(ownerload.Spin(n))
+		fmt.Println(spin(n))
 		os.Exit(0)
 	}
 	os.Exit(2)
+}
+
+// spin does n rounds of integer work the compiler cannot drop.
+func spin(n int64) uint64 {
+	x := uint64(88172645463325252)
+	for range n {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+	}
+	return x
 }
 
 // startHelper runs the test binary as a helper doing job and kills it at cleanup.
